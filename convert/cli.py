@@ -1,0 +1,85 @@
+"""``jee1-convert``: Llama-2 base + PEFT LoRA/QLoRA adapter -> one verified, checksummed GGUF."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from jee1.errors import EXIT_CODES, Jee1Error
+from jee1.prompts import DEFAULT_TEMPLATE, template_names
+
+from .quant_types import DEFAULT_QUANT, QUANT_TYPES, quant_type
+
+EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
+
+
+def configure_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:  # gguf-py narrates every write at INFO
+        logging.getLogger("gguf").setLevel(logging.WARNING)
+
+
+def _terminate(signum, _frame):
+    raise SystemExit(128 + signum)  # unwinds through the pipeline's cleanup
+
+
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.argument("base_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="PEFT LoRA/QLoRA adapter directory (adapter_config.json + adapter_model.safetensors). "
+                   "Without it the base is converted alone.")
+@click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Output GGUF path; its manifest is written next to it as OUTPUT.manifest.json.")
+@click.option("--quant", default=DEFAULT_QUANT, show_default=True, metavar="|".join(QUANT_TYPES),
+              help="Output type. F16/BF16 are written directly; the others are quantized by llama.cpp "
+                   "from an F16 intermediate.")
+@click.option("--template", default=DEFAULT_TEMPLATE, show_default=True, metavar="NAME|FILE",
+              help=f"Chat template stored as tokenizer.chat_template: {', '.join(template_names())}, "
+                   "or a Jinja file.")
+@click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
+              help="Threads for llama.cpp's quantizer.")
+@click.option("--keep-intermediate", is_flag=True, help="Keep the F16 intermediate as OUTPUT-stem.F16.gguf.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings and errors only.")
+@click.option("-v", "--verbose", count=True, help="More log output (llama.cpp's included).")
+def main(base_dir, adapter_dir, output, quant, template, threads, keep_intermediate, as_json, quiet, verbose):
+    """Convert a Hugging Face Llama-2 checkpoint (BASE_DIR) and an optional PEFT LoRA adapter
+    into a single GGUF for llama.cpp, merged, quantized, verified and checksummed.
+
+    \b
+    Example (SM70: Llama-2-70B + the MedAlpaca QLoRA adapter):
+      jee1-convert llama-2-70b-hf --adapter sm70-qlora -o sm70.Q4_K_M.gguf --quant Q4_K_M
+
+    The merge follows PEFT (W + alpha/r * B@A, rsLoRA, rank/alpha patterns, modules_to_save),
+    streams one tensor at a time, and writes to a temporary name that is renamed only after
+    the result verified: a failed or interrupted run leaves no file under OUTPUT.
+    """
+    configure_logging(verbose, quiet)
+    signal.signal(signal.SIGTERM, _terminate)
+    from .pipeline import ConvertOptions, convert
+
+    try:
+        opts = ConvertOptions(base_dir=base_dir, output=output, quant=quant_type(quant), adapter_dir=adapter_dir,
+                              template=template, threads=threads, keep_intermediate=keep_intermediate,
+                              quiet=quiet or as_json)
+        result = convert(opts)
+    except Jee1Error as e:
+        click.echo(f"jee1-convert: error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("jee1-convert: interrupted; no output written", err=True)
+        sys.exit(130)
+    if as_json:
+        click.echo(json.dumps(result.as_json(), indent=2))
+    else:
+        data = result.as_json()
+        click.echo(f"wrote {data['output']} ({data['quant']}, {data['size'] / 2**20:.1f} MiB, "
+                   f"{data['tensor_count']} tensors, sha256 {data['sha256'][:16]}...)")
+        click.echo(f"manifest {data['manifest']}")

@@ -1,0 +1,238 @@
+"""The conversion, phase by phase: validate -> merge+write -> quantize -> verify -> manifest -> rename.
+
+Every input is validated before any byte is written.  Output goes to hidden temporary names in
+the target directory and is renamed into place only after it verified; any failure or
+interruption removes the temporaries, so the final name never holds a partial file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from gguf import LlamaFileType
+
+from jee1 import __version__
+from jee1.errors import InputError, ResourceError, VerificationError
+from jee1.gguf_info import GgufSummary, read_gguf
+from jee1.manifest import MANIFEST_FORMAT, file_record, manifest_path, write_json_atomic
+from jee1.prompts import DEFAULT_TEMPLATE, load_template
+
+from .adapter import Adapter
+from .checkpoint import Checkpoint
+from .progress import phase_bar
+from .quant_types import QuantType
+from .tensor_map import tensor_specs
+from .vocab import load_vocab
+from .writer import Provenance, planned_bytes, write_gguf
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "SM70"
+METADATA_MARGIN = 64 * 1024 * 1024  # vocabulary, KV pairs and alignment padding, generously
+
+
+@dataclass
+class ConvertOptions:
+    base_dir: Path
+    output: Path
+    quant: QuantType
+    adapter_dir: Path | None = None
+    template: str = DEFAULT_TEMPLATE
+    threads: int = max(1, os.cpu_count() or 1)
+    keep_intermediate: bool = False
+    quiet: bool = False
+    model_name: str = MODEL_NAME
+
+
+@dataclass
+class PhaseStats:
+    seconds: float
+    bytes: int
+    peak_rss: int | None   # bytes, this phase alone (Linux)
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds else 0.0
+
+
+@dataclass
+class ConvertResult:
+    output: Path
+    manifest: Path
+    manifest_data: dict
+    summary: GgufSummary
+    intermediate: Path | None
+    phases: dict[str, PhaseStats] = field(default_factory=dict)
+
+    def as_json(self) -> dict:
+        model = self.manifest_data["model"]
+        return {
+            "output": str(self.output), "manifest": str(self.manifest),
+            "quant": model["quant"], "size": model["size"], "sha256": model["sha256"],
+            "tensor_count": model["tensor_count"], "parameter_count": model["parameter_count"],
+            "tensor_types": model["tensor_types"],
+            "intermediate": str(self.intermediate) if self.intermediate else None,
+            "phases": {k: {"seconds": round(v.seconds, 3), "bytes": v.bytes, "mb_per_s": round(v.mb_per_s, 1),
+                           "peak_rss": v.peak_rss} for k, v in self.phases.items()},
+        }
+
+
+def _reset_peak_rss() -> None:
+    try:  # "5" resets VmHWM (Linux >= 4.0), so each phase reports its own peak
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+class _Phase:
+    def __init__(self, result: ConvertResult, name: str):
+        self.result, self.name, self.bytes = result, name, 0
+
+    def __enter__(self):
+        _reset_peak_rss()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.result.phases[self.name] = PhaseStats(time.perf_counter() - self.start, self.bytes, _peak_rss())
+
+
+def _check_disk_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ResourceError(f"{directory}: {free / 2**30:.2f} GiB free, the conversion needs about "
+                            f"{needed / 2**30:.2f} GiB (intermediate and output)")
+
+
+def _verify(path: Path, checkpoint: Checkpoint, quant: QuantType) -> GgufSummary:
+    """The written file must parse, hold exactly the planned tensors, and load in llama.cpp."""
+    from jee1.llama_backend import vocab_token_count
+
+    summary = read_gguf(path)
+    meta = summary.metadata
+    if meta.get("general.architecture") != "llama" or meta.get("general.file_type") != int(quant.file_type):
+        raise VerificationError(f"{path}: architecture/file type are {meta.get('general.architecture')}/"
+                                f"{meta.get('general.file_type')}, expected llama/{int(quant.file_type)}")
+    expected = {s.gguf_name: s for s in tensor_specs(checkpoint.config)}
+    found = {t.name: t for t in summary.tensors}
+    if set(found) != set(expected):
+        raise VerificationError(f"{path}: tensors differ from the plan "
+                                f"(missing {sorted(set(expected) - set(found))[:3]}, "
+                                f"extra {sorted(set(found) - set(expected))[:3]})")
+    for name, spec in expected.items():
+        t = found[name]
+        if t.shape != spec.shape or (spec.is_norm and t.type != "F32"):
+            raise VerificationError(f"{path}: tensor {name} is {list(t.shape)} {t.type}, "
+                                    f"expected {list(spec.shape)}{' F32' if spec.is_norm else ''}")
+    if quant.primary.name not in summary.type_counts():
+        raise VerificationError(f"{path}: no tensor of type {quant.primary.name} after {quant.name} conversion")
+    n_tokens = vocab_token_count(path)
+    if n_tokens != checkpoint.config.vocab_size:
+        raise VerificationError(f"{path}: llama.cpp {'refused to load it' if n_tokens is None else f'sees {n_tokens} tokens'}"
+                                f", expected a vocabulary of {checkpoint.config.vocab_size}")
+    return summary
+
+
+def convert(opts: ConvertOptions) -> ConvertResult:
+    quant, out = opts.quant, Path(opts.output)
+    if not out.parent.is_dir():
+        raise InputError(f"{out.parent}: output directory does not exist")
+    if out.is_dir():
+        raise InputError(f"{out}: is a directory; give the output file name")
+
+    # 1. every input, before any output
+    checkpoint = Checkpoint.open(opts.base_dir)
+    adapter = Adapter.open(opts.adapter_dir, checkpoint) if opts.adapter_dir else None
+    vocab = load_vocab(Path(opts.base_dir), checkpoint.config.vocab_size)
+    template_name, template = load_template(opts.template)
+    provenance = Provenance(opts.model_name, checkpoint.config.name, adapter.name if adapter else None,
+                            template_name, template)
+
+    written_bytes = planned_bytes(checkpoint, quant.written) + METADATA_MARGIN
+    params = sum(int(np.prod(s.shape)) for s in tensor_specs(checkpoint.config))
+    final_bytes = int(params * quant.bits_per_weight / 8) + METADATA_MARGIN
+    _check_disk_space(out.parent, written_bytes + (final_bytes if quant.needs_llama_quantizer else 0))
+
+    tag = f".{out.name}.{os.getpid()}"
+    tmp_final = out.with_name(f"{tag}.partial")
+    tmp_written = out.with_name(f"{tag}.f16.partial") if quant.needs_llama_quantizer else tmp_final
+    kept = out.with_name(out.name.removesuffix(".gguf") + ".F16.gguf") if opts.keep_intermediate else None
+    result = ConvertResult(out, manifest_path(out), {}, None, None)  # type: ignore[arg-type]
+    try:
+        source_bytes = sum(checkpoint.tensors[s.hf_name][1].nbytes for s in tensor_specs(checkpoint.config))
+        with _Phase(result, "merge+write") as phase, phase_bar("merge+write", source_bytes, opts.quiet) as bar:
+            written_type = LlamaFileType.MOSTLY_F16 if quant.needs_llama_quantizer else quant.file_type
+            write_gguf(tmp_written, checkpoint, adapter, vocab, provenance, quant.written, written_type, bar)
+            phase.bytes = source_bytes
+        if quant.needs_llama_quantizer:
+            from .quantize import quantize
+
+            with _Phase(result, "quantize") as phase, phase_bar("quantize", final_bytes, opts.quiet) as bar:
+                quantize(tmp_written, tmp_final, quant, opts.threads, bar)
+                phase.bytes = tmp_written.stat().st_size
+        with _Phase(result, "verify"):
+            result.summary = _verify(tmp_final, checkpoint, quant)
+        inputs = checkpoint.files + (adapter.files if adapter else [])
+        total = sum(p.stat().st_size for p in inputs) + tmp_final.stat().st_size
+        with _Phase(result, "hash") as phase, phase_bar("sha256", total, opts.quiet) as bar:
+            model = file_record(tmp_final, progress=bar)
+            model["path"] = out.name
+            input_records = [dict(file_record(p, progress=bar), role="base") for p in checkpoint.files]
+            if adapter:
+                input_records += [dict(file_record(p, progress=bar), role="adapter") for p in adapter.files]
+            phase.bytes = total
+        result.manifest_data = _manifest(result.summary, model, input_records, quant, provenance)
+        write_json_atomic(result.manifest, result.manifest_data)
+        os.replace(tmp_final, out)
+        if kept is not None:
+            os.replace(tmp_written, kept)
+            result.intermediate = kept
+        return result
+    finally:
+        for tmp in {tmp_final, tmp_written}:
+            tmp.unlink(missing_ok=True)
+        checkpoint.close()
+        if adapter:
+            adapter.close()
+
+
+def _manifest(summary: GgufSummary, model: dict, inputs: list[dict], quant: QuantType,
+              provenance: Provenance) -> dict:
+    from jee1.llama_backend import versions
+
+    return {
+        "format": MANIFEST_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "model": {
+            **model,
+            "name": provenance.model_name,
+            "quant": quant.name,
+            "tensor_count": len(summary.tensors),
+            "parameter_count": summary.parameter_count,
+            "tensor_types": summary.type_counts(),
+            "base": provenance.base_name,
+            "adapter": provenance.adapter_name,
+            "chat_template": provenance.template_name,
+        },
+        "inputs": inputs,
+        "tools": {"jee1": __version__, **versions()},
+    }

@@ -1,0 +1,35 @@
+"""Errors a user sees: one line naming the file or tensor, and the CLI exit code it maps to."""
+
+
+class Jee1Error(Exception):
+    """Base class: ``str(err)`` is the one line shown to the user."""
+
+    exit_code = 1
+
+
+class InputError(Jee1Error):
+    """Bad input: a missing, malformed or inconsistent file, an unknown option value."""
+
+    exit_code = 1
+
+
+class ResourceError(Jee1Error):
+    """The environment cannot do the job: not enough disk space, llama.cpp refused."""
+
+    exit_code = 3
+
+
+class VerificationError(Jee1Error):
+    """The output was written but failed its own check; nothing was kept."""
+
+    exit_code = 4
+
+
+# Documented in README.md and in each CLI's --help.
+EXIT_CODES = {
+    0: "success",
+    1: "bad input (the message names the file or tensor)",
+    2: "usage error (unknown option, missing argument)",
+    3: "environment problem (disk space, llama.cpp failure)",
+    4: "output failed verification (nothing was kept)",
+}

@@ -1,0 +1,112 @@
+"""The one place that imports llama-cpp-python: routes llama.cpp's log into ``logging``.
+
+llama.cpp logs through a C callback in fragments (a line may arrive in several calls, the
+``CONT`` level continues the previous one); the bridge joins them into whole lines and logs
+each under the ``jee1.llama_cpp`` logger.  llama-cpp-python's own ``print(..., file=sys.stderr)``
+calls during model construction are captured the same way by ``load_llama``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import threading
+
+import llama_cpp
+
+log = logging.getLogger("jee1.llama_cpp")
+
+# enum ggml_log_level in ggml.h (llama-cpp-python's own table predates the current order)
+GGML_LOG_LEVELS = {0: logging.INFO, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+GGML_LOG_LEVEL_CONT = 5
+# llama.cpp's INFO is chatty (every tensor and KV on load): keep it at DEBUG for us.
+_OUR_LEVEL = {logging.INFO: logging.DEBUG}
+
+_lock = threading.Lock()
+_pending = {"level": logging.DEBUG, "text": ""}
+
+
+def _emit(level: int, text: str) -> None:
+    with _lock:
+        if level != GGML_LOG_LEVEL_CONT and _pending["text"]:
+            _flush_locked()
+        if level != GGML_LOG_LEVEL_CONT:
+            _pending["level"] = _OUR_LEVEL.get(GGML_LOG_LEVELS.get(level, logging.INFO),
+                                               GGML_LOG_LEVELS.get(level, logging.INFO))
+        _pending["text"] += text
+        while "\n" in _pending["text"]:
+            line, _pending["text"] = _pending["text"].split("\n", 1)
+            if line.strip():
+                log.log(_pending["level"], "%s", line)
+
+
+def _flush_locked() -> None:
+    if _pending["text"].strip():
+        log.log(_pending["level"], "%s", _pending["text"])
+    _pending["text"] = ""
+
+
+@llama_cpp.llama_log_callback
+def _callback(level: int, text: bytes, _user_data) -> None:
+    _emit(level, text.decode("utf-8", errors="replace"))
+
+
+def route_llama_log() -> None:
+    """Send llama.cpp's log (and ggml's) to ``logging``; idempotent, called on import."""
+    llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
+
+
+route_llama_log()
+
+
+class _LogStream(io.TextIOBase):
+    """A file-like object that turns llama-cpp-python's stderr prints into log lines."""
+
+    def write(self, text: str) -> int:
+        _emit(GGML_LOG_LEVEL_CONT if _pending["text"] else 2, text)
+        return len(text)
+
+
+@contextlib.contextmanager
+def captured_stderr_prints():
+    with contextlib.redirect_stderr(_LogStream()):
+        yield
+
+
+def load_llama(path, **kwargs) -> "llama_cpp.Llama":
+    """``llama_cpp.Llama`` with everything it says going to ``logging``.
+
+    ``verbose=True`` keeps llama-cpp-python from redirecting file descriptors to /dev/null
+    around the load (which would also swallow our own log handlers' output).
+    """
+    with captured_stderr_prints():
+        return llama_cpp.Llama(model_path=str(path), verbose=True, **kwargs)
+
+
+def vocab_token_count(path) -> int | None:
+    """Load only the vocabulary of a GGUF with llama.cpp; its token count, or None if it refuses."""
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
+    if not model:
+        return None
+    try:
+        return int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {
+        "llama_cpp_python": llama_cpp.__version__,
+        "gguf": version("gguf"),
+        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip(),
+    }
+
+
+def supports_gpu_offload() -> bool:
+    return bool(llama_cpp.llama_supports_gpu_offload())

@@ -1,0 +1,62 @@
+"""The manifest written next to every model: hashes, sizes, provenance, tool versions.
+
+``<model>.gguf.manifest.json``; the runtime refuses a model whose size or sha256 differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+MANIFEST_FORMAT = "jee1-manifest/1"
+HASH_CHUNK = 8 * 1024 * 1024
+
+
+def manifest_path(model: str | Path) -> Path:
+    model = Path(model)
+    return model.with_name(model.name + ".manifest.json")
+
+
+def sha256_file(path: str | Path, progress=None) -> str:
+    """sha256 of a file, reading in 8 MiB chunks; ``progress.update(n)`` per chunk when given."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+            if progress is not None:
+                progress.update(len(chunk))
+    return digest.hexdigest()
+
+
+def file_record(path: str | Path, root: str | Path | None = None, progress=None) -> dict:
+    path = Path(path)
+    return {
+        "path": str(path.relative_to(root)) if root else path.name,
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path, progress),
+    }
+
+
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a manifest is for everyone to read
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: str | Path) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
