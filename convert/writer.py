@@ -82,7 +82,8 @@ class TensorSource:
             if not np.isfinite(block).all():
                 where = "after merging the adapter" if self.factors is not None else "in the input"
                 raise InputError(f"tensor {spec.hf_name!r}: NaN or Inf {where} (file {self.file.path})")
-            out[start:stop] = _to_bf16(block) if gtype == GGML.BF16 else block
+            with np.errstate(over="ignore"):  # overflow is detected just below, with a clear message
+                out[start:stop] = _to_bf16(block) if gtype == GGML.BF16 else block
             if not _finite(out[start:stop], gtype):
                 raise InputError(f"tensor {spec.hf_name!r}: values exceed the {gtype.name} range "
                                  f"(max |w| = {np.abs(block).max():.4g})")
