@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from jee1.errors import InputError
+from jee1.llama_backend import convert_rows
 
 # safetensors dtype name -> (numpy storage dtype, bytes per element).  BF16 is stored as
 # uint16 and widened by ``to_float32``; numpy has no bfloat16.
@@ -95,12 +96,19 @@ class SafetensorsFile:
         count = entry.nbytes // dtype.itemsize
         return np.frombuffer(self._map, dtype=dtype, count=count, offset=entry.begin).reshape(entry.shape)
 
-    def to_float32(self, name: str, rows=slice(None)) -> np.ndarray:
-        """Rows of the tensor as a new float32 array (a slice or an index array)."""
-        data = self.raw(name)[rows]
-        if self.entries[name].dtype == "BF16":
-            return (data.astype(np.uint32) << 16).view(np.float32)
-        return data.astype(np.float32)
+    def rows_into(self, name: str, rows, out: np.ndarray) -> np.ndarray:
+        """Widen rows of the tensor (a slice or an index array) into the float32 array ``out``."""
+        data = np.ascontiguousarray(self.raw(name)[rows])
+        data = data.reshape(out.shape)
+        if data.dtype == np.float32:
+            np.copyto(out, data)
+        else:
+            convert_rows(data, out, bf16=self.entries[name].dtype == "BF16")
+        return out
+
+    def to_float32(self, name: str) -> np.ndarray:
+        """The whole tensor as a new float32 array (for the small LoRA factors)."""
+        return self.rows_into(name, slice(None), np.empty(self.entries[name].shape, np.float32))
 
     def release(self, name: str) -> None:
         """Drop the tensor's pages from this process's resident set; the page cache keeps them.

@@ -1,0 +1,175 @@
+"""Output handling end to end: atomic rename, interruption, intermediates, disk space, manifest, CLI, logging."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import run_convert
+from jee1.convert.cli import main as convert_cli
+from jee1.convert.tiny import TinySpec, build_checkpoint
+from jee1.edge.cli import main as jee1_cli
+from jee1.errors import ResourceError
+from jee1.manifest import manifest_path, sha256_file
+
+BIN = Path(sys.executable).parent
+
+
+def test_manifest_records_every_hash(f16_merged, tiny_base, tiny_adapter):
+    data = json.loads(manifest_path(f16_merged.output).read_text())
+    model = data["model"]
+    assert model["sha256"] == sha256_file(f16_merged.output)
+    assert model["size"] == f16_merged.output.stat().st_size
+    assert model["quant"] == "F16" and model["tensor_count"] == 21
+    spec = TinySpec()
+    per_layer = 2 * spec.hidden_size + 2 * spec.hidden_size ** 2 + 2 * spec.hidden_size * 128 \
+        + 3 * spec.hidden_size * spec.intermediate_size  # norms, q/o, k/v (2 KV heads x 64), MLP
+    assert model["parameter_count"] == 2 * spec.vocab_size * spec.hidden_size + spec.hidden_size \
+        + spec.num_hidden_layers * per_layer
+    roles = {(r["role"], r["path"]) for r in data["inputs"]}
+    for f in tiny_base.iterdir():
+        assert ("base", f.name) in roles
+    assert ("adapter", "adapter_model.safetensors") in roles
+    for record in data["inputs"]:
+        root = tiny_base if record["role"] == "base" else tiny_adapter
+        assert record["sha256"] == sha256_file(root / record["path"])
+    assert set(data["tools"]) >= {"jee1", "llama_cpp_python", "gguf"}
+
+
+def test_intermediate_removed_unless_kept(tmp_path, tiny_base, tiny_adapter):
+    run_convert(tiny_base, tmp_path / "a.gguf", "Q4_K_M", tiny_adapter)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gguf", "a.gguf.manifest.json"]
+    kept = run_convert(tiny_base, tmp_path / "b.gguf", "Q4_K_M", tiny_adapter, keep_intermediate=True)
+    assert kept.intermediate == tmp_path / "b.F16.gguf"
+    from jee1.gguf_info import read_gguf
+
+    assert read_gguf(kept.intermediate).metadata["general.file_type"] == 1
+
+
+def test_rerun_replaces_output_atomically(tmp_path, tiny_base):
+    out = tmp_path / "m.gguf"
+    first = run_convert(tiny_base, out, "Q8_0")
+    inode = out.stat().st_ino
+    second = run_convert(tiny_base, out, "Q8_0")
+    assert out.stat().st_ino != inode  # a new file renamed over the old one, never written in place
+    assert first.manifest_data["model"]["sha256"] == second.manifest_data["model"]["sha256"]
+
+
+@pytest.fixture(scope="module")
+def medium_base(tmp_path_factory, tiny_tokenizer):
+    spec = TinySpec(hidden_size=1024, intermediate_size=2816, num_hidden_layers=6, num_attention_heads=8,
+                    num_key_value_heads=2, shards=4)
+    return build_checkpoint(tmp_path_factory.mktemp("medium"), spec, tokenizer=tiny_tokenizer)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_run_leaves_nothing(tmp_path, medium_base, sig):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([BIN / "jee1-convert", medium_base, "-o", out_dir / "m.gguf", "--quant", "Q4_K_M",
+                             "--threads", "1", "-q"], stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not any(p.name.endswith(".partial") for p in out_dir.iterdir()):
+        assert proc.poll() is None, proc.stderr.read()
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    assert list(out_dir.iterdir()) == []
+
+
+def test_not_enough_disk_space(tmp_path, tiny_base):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        with pytest.raises(ResourceError, match=r"small: .* GiB free, the conversion needs about"):
+            run_convert(tiny_base, mnt / "m.gguf", "Q4_K_M")
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_cli_json_summary(tmp_path, tiny_base, tiny_adapter):
+    result = CliRunner().invoke(convert_cli, [str(tiny_base), "--adapter", str(tiny_adapter), "-o",
+                                              str(tmp_path / "m.gguf"), "--quant", "q4_k_m", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["quant"] == "Q4_K_M" and summary["sha256"] == sha256_file(tmp_path / "m.gguf")
+    assert set(summary["phases"]) == {"merge+write", "quantize", "verify", "hash"}
+    assert summary["tensor_types"]["Q6_K"]["tensors"] == 3
+
+
+def test_help_teaches_and_documents_exit_codes():
+    text = CliRunner().invoke(convert_cli, ["--help"]).output
+    for needle in ("--adapter", "--quant", "Q4_K_M", "--keep-intermediate", "--json", "Exit codes", "medalpaca"):
+        assert needle in text
+
+
+def test_llama_cpp_log_goes_through_logging(tmp_path, tiny_base):
+    proc = subprocess.run([BIN / "jee1-convert", tiny_base, "-o", tmp_path / "m.gguf", "--quant", "Q4_K_M",
+                           "-v"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    lines = [ln for ln in re.split(r"[\r\n]+", proc.stderr) if ln.strip()]
+    bar = re.compile(r"^(merge\+write|quantize|sha256)\s*:")
+    logged = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.\-]+: ")
+    stray = [ln for ln in lines if not bar.match(ln) and not logged.match(ln)]
+    assert stray == []
+    assert any(ln.startswith("DEBUG jee1.llama_cpp: ") and "llama_model_quantize" in ln for ln in lines)
+
+
+def test_quiet_prints_nothing_on_success(tmp_path, tiny_base):
+    proc = subprocess.run([BIN / "jee1-convert", tiny_base, "-o", tmp_path / "m.gguf", "-q"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stderr == ""
+
+
+def test_inspect_reports_metadata_and_types(q4_merged):
+    result = CliRunner().invoke(jee1_cli, ["inspect", str(q4_merged.output), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    meta = info["metadata"]
+    assert meta["general.name"] == "SM70" and meta["general.architecture"] == "llama"
+    assert meta["llama.attention.head_count_kv"] == 2 and meta["llama.attention.head_count"] == 4
+    assert meta["tokenizer.ggml.tokens"] == {"array_of": "string", "length": 512}
+    assert meta["general.jee1.template"] == "medalpaca"
+    assert "### Instruction:" in meta["tokenizer.chat_template"]
+    assert info["tensor_types"]["Q4_K"]["tensors"] == 13
+    text = CliRunner().invoke(jee1_cli, ["inspect", str(q4_merged.output)]).output
+    assert "Q6_K" in text and "general.file_type = 15" in text
+
+
+def test_inspect_rejects_a_non_gguf(tmp_path):
+    bad = tmp_path / "x.gguf"
+    bad.write_bytes(b"not a gguf at all")
+    result = CliRunner().invoke(jee1_cli, ["inspect", str(bad)])
+    assert result.exit_code == 1 and "not a readable GGUF" in result.output
+
+
+def test_parts_install_under_the_jee1_namespace(tmp_path):
+    code = "import jee1.convert, jee1.edge, jee1.firmware_bridge\ntry:\n import convert\nexcept ImportError:\n pass\n" \
+           "else:\n raise SystemExit('top-level convert importable')\ntry:\n import edge\nexcept ImportError:\n pass\n" \
+           "else:\n raise SystemExit('top-level edge importable')\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+
+
+def test_demo_answers_through_the_pipeline(tmp_path):
+    result = CliRunner().invoke(jee1_cli, ["-q", "demo", "--workdir", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["completion_tokens"] > 0
+    assert data["prompt"].endswith("### Input:\nWhat is the first-line treatment for anaphylaxis?\n\n### Response:\n")
+    assert Path(data["model"]).is_file() and Path(data["manifest"]).is_file()
