@@ -200,6 +200,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             if adapter:
                 input_records += [dict(file_record(p, progress=bar), role="adapter") for p in adapter.files]
             phase.bytes = total
+        _fsync(tmp_final)  # the rename below must never expose a file whose data is not on disk
         result.manifest_data = _manifest(result.summary, model, input_records, quant, provenance)
         write_json_atomic(result.manifest, result.manifest_data)
         os.replace(tmp_final, out)
@@ -213,6 +214,14 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         checkpoint.close()
         if adapter:
             adapter.close()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _manifest(summary: GgufSummary, model: dict, inputs: list[dict], quant: QuantType,
