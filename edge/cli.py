@@ -23,13 +23,25 @@ def _fail(e: Jee1Error):
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="jee1")
+@click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="Device settings (TOML). Default: /etc/jee1/jee1.toml if present, else built-in defaults.")
 @click.option("-v", "--verbose", count=True, help="More log output (llama.cpp's included).")
 @click.option("-q", "--quiet", is_flag=True, help="Warnings and errors only, no progress bars.")
 @click.pass_context
-def main(ctx, verbose, quiet):
-    """JEE1 device runtime for SM70, the offline medical question-answering model."""
+def main(ctx, config_path, verbose, quiet):
+    """JEE1 device runtime for SM70, the offline medical question-answering model.
+
+    \b
+    jee1 ask "question"        stream an answer (safety policy, warm prompt prefix)
+    jee1 serve                 run the engine as a long-lived service
+    jee1 status                engine status (from the running service, or a fresh load)
+    jee1 safety-check TEXT     run only the safety policy
+    jee1 keygen / jee1 sign    Ed25519 keys and manifest signatures (workstation)
+    jee1 inspect FILE.gguf     GGUF metadata and tensor types
+    jee1 demo                  tiny end-to-end demo without the real model
+    """
     configure_logging(verbose, quiet)
-    ctx.obj = {"quiet": quiet}
+    ctx.obj = {"quiet": quiet, "config": config_path}
 
 
 @main.command(epilog=EPILOG)
@@ -74,25 +86,226 @@ def inspect(model, as_json, tensors):
 @click.pass_context
 def demo(ctx, workdir, question, as_json):
     """End-to-end demo without the real model: build the tiny Llama-2 checkpoint and LoRA adapter,
-    convert them to Q4_K_M, load the GGUF with llama.cpp and answer one question.
+    convert them to Q4_K_M, then answer one question through the device engine (manifest check,
+    safety policy, chat template from the GGUF, warm prefix, streaming, audit log).
 
     The tiny model's weights are random, so its answer is noise; every step it runs is the real one.
     """
     from .demo import QUESTION, run_demo
 
+    question = question or QUESTION
+    stream = None if as_json else (lambda text: click.echo(text, nl=False))
+    if not as_json:
+        click.echo(f"question: {question}\nanswer:   ", nl=False)
     try:
         if workdir is None:
             with tempfile.TemporaryDirectory(prefix="jee1-demo-") as tmp:
-                result = run_demo(Path(tmp), question or QUESTION, quiet=ctx.obj["quiet"] or as_json)
+                result = run_demo(Path(tmp), question, quiet=ctx.obj["quiet"] or as_json, on_text=stream)
         else:
-            result = run_demo(workdir, question or QUESTION, quiet=ctx.obj["quiet"] or as_json)
+            result = run_demo(workdir, question, quiet=ctx.obj["quiet"] or as_json, on_text=stream)
+    except Jee1Error as e:
+        _fail(e)
+    answer = result.answer
+    if as_json:
+        click.echo(json.dumps({"model": str(result.model), "manifest": str(result.manifest), "question": question,
+                               "answer": answer.as_json(), "status": result.status}, indent=2, ensure_ascii=False))
+        return
+    click.echo(f"\n\nmodel: {result.model.name} (Q4_K_M from the tiny checkpoint + LoRA; random weights, so the"
+               f" answer is noise)\nfinish: {answer.finish_reason}, {answer.completion_tokens} tokens, "
+               f"{answer.cached_tokens} of {answer.prompt_tokens} prompt tokens from the warm prefix")
+
+
+# -- the engine commands ---------------------------------------------------------------------
+
+def engine_options(f):
+    """Options that override the settings file for commands that load the model."""
+    options = [
+        click.option("--model", type=click.Path(path_type=Path, dir_okay=False), help="GGUF to load (model.path)."),
+        click.option("--gpu-layers", help="'auto' (plan from free memory), or a layer count; 0 = CPU."),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length (runtime.n_ctx)."),
+        click.option("--threads", type=click.IntRange(min=0), help="CPU threads, 0 = all (runtime.threads)."),
+        click.option("--kv-type", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]), help="KV cache type."),
+        click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="cache.dir"),
+        click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False), help="audit.path"),
+        click.option("--no-verify", is_flag=True, help="Skip the manifest check (development only; logged)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv_type=None, cache_dir=None,
+                  audit_log=None, no_verify=False, **answer):
+    from .settings import Settings
+
+    over: dict = {"model": {}, "runtime": {}, "cache": {}, "audit": {}, "answer": {}}
+    if model:
+        over["model"]["path"] = str(model)
+    if no_verify:
+        over["model"]["verify"] = False
+    if gpu_layers is not None:
+        over["runtime"]["gpu_layers"] = gpu_layers if gpu_layers == "auto" else int(gpu_layers) \
+            if gpu_layers.isdigit() else gpu_layers
+    for key, value in (("n_ctx", n_ctx), ("threads", threads), ("kv_type", kv_type)):
+        if value is not None:
+            over["runtime"][key] = value
+    if cache_dir:
+        over["cache"]["dir"] = str(cache_dir)
+    if audit_log:
+        over["audit"]["path"] = str(audit_log)
+    over["answer"].update({k: v for k, v in answer.items() if v is not None})
+    return Settings.load(ctx.obj["config"], {k: v for k, v in over.items() if v})
+
+
+def open_engine(settings, quiet: bool):
+    from jee1.convert.progress import phase_bar
+
+    from .engine import Engine
+
+    model = Path(settings["model"]["path"])
+    size = model.stat().st_size if model.is_file() else None
+    with phase_bar("verify model", size, quiet) as bar:
+        return Engine(settings, progress=bar)
+
+
+@main.command(epilog=EPILOG)
+@click.argument("question")
+@engine_options
+@click.option("--max-tokens", type=click.IntRange(min=1), help="Limit of generated tokens (answer.max_tokens).")
+@click.option("--deadline", "deadline_s", type=click.FloatRange(min=0, min_open=True), help="Seconds (answer.deadline_s).")
+@click.option("--json", "as_json", is_flag=True, help="Print the final answer and its record as JSON, no streaming.")
+@click.pass_context
+def ask(ctx, question, max_tokens, deadline_s, as_json, **engine_opts):
+    """Answer one QUESTION, streaming the text as the model produces it.
+
+    The safety policy runs first: an emergency happening now gets the fixed emergency message
+    without calling the model (exit 0, finish reason 'safety').
+    """
+    from .engine import Busy
+
+    try:
+        settings = load_settings(ctx, **engine_opts, max_tokens=max_tokens, deadline_s=deadline_s)
+        with open_engine(settings, ctx.obj["quiet"] or as_json) as engine:
+            request = engine.submit(question)
+            try:
+                for text in request:
+                    if not as_json:
+                        click.echo(text, nl=False)
+            except KeyboardInterrupt:
+                request.cancel()
+                request.result()
+                click.echo("\n[cancelled]", err=True)
+                sys.exit(130)
+            answer = request.answer
+    except (Jee1Error, Busy) as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(answer.as_json(), indent=2, ensure_ascii=False))
+    else:
+        click.echo()
+    if answer.finish_reason == "error":
+        sys.exit(1)
+
+
+@main.command(epilog=EPILOG)
+@engine_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
+@click.pass_context
+def status(ctx, as_json, **engine_opts):
+    """Print the engine's status: model, hash, quant, layers on GPU, context, memory, counters.
+
+    Reads the running service's status file (``cache.dir``/status.json) when `jee1 serve` is up;
+    otherwise loads the model to report it.
+    """
+    from .service import read_status
+
+    try:
+        settings = load_settings(ctx, **engine_opts)
+        data = read_status(settings)
+        if data is None:
+            with open_engine(settings, True) as engine:
+                data = engine.status() | {"service": "not running"}
     except Jee1Error as e:
         _fail(e)
     if as_json:
-        click.echo(json.dumps({"model": str(result.model), "manifest": str(result.manifest),
-                               "question": question or QUESTION, "prompt": result.prompt,
-                               "answer": result.answer, "completion_tokens": result.tokens}, indent=2))
+        click.echo(json.dumps(data, indent=2))
         return
-    click.echo(f"model:    {result.model.name} (Q4_K_M, converted from the tiny checkpoint + LoRA)")
-    click.echo(f"question: {question or QUESTION}")
-    click.echo(f"answer:   {result.answer.strip()!r}  ({result.tokens} tokens; random tiny model, so noise)")
+    for key, value in data.items():
+        click.echo(f"{key:<24} {value}")
+
+
+@main.command(epilog=EPILOG)
+@engine_options
+@click.pass_context
+def serve(ctx, **engine_opts):
+    """Run the engine as a long-lived service until SIGTERM or Ctrl-C.
+
+    Loads and verifies the model once, restores the warm prompt prefix, and keeps a status file
+    (``cache.dir``/status.json) current for `jee1 status`.  The firmware bridge attaches its serial
+    and IPC front ends to this engine.
+    """
+    from .service import run_service
+
+    try:
+        run_service(load_settings(ctx, **engine_opts), quiet=ctx.obj["quiet"])
+    except Jee1Error as e:
+        _fail(e)
+
+
+@main.command("safety-check", epilog=EPILOG)
+@click.argument("texts", nargs=-1)
+@click.option("--rules", type=click.Path(path_type=Path, dir_okay=False), help="Rules file (default: the shipped rules).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per input: red_flag, rule, category, matched.")
+def safety_check(texts, rules, as_json):
+    """Run only the safety policy (no model) on each TEXT, or on each line of stdin.
+
+    For clinical reviewers auditing the red-flag rules. Exit 0 whatever the decisions.
+    """
+    from .safety import SafetyPolicy
+
+    try:
+        policy = SafetyPolicy.load(rules)
+    except Jee1Error as e:
+        _fail(e)
+    inputs = list(texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    for text in inputs:
+        d = policy.check(text)
+        if as_json:
+            click.echo(json.dumps({"text": text, **d.as_json()}, ensure_ascii=False))
+        else:
+            verdict = f"RED FLAG {d.rule}" if d.red_flag else "ok"
+            click.echo(f"{verdict:<40} {text}")
+
+
+@main.command(epilog=EPILOG)
+@click.option("--private", "private_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the private key (PEM, mode 0600). Keep it on the workstation.")
+@click.option("--public", "public_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the public key (PEM), for the devices' model.trusted_keys.")
+def keygen(private_path, public_path):
+    """Create an Ed25519 key pair for signing model manifests."""
+    from .model_check import generate_keypair
+
+    try:
+        kid = generate_keypair(private_path, public_path)
+    except Jee1Error as e:
+        _fail(e)
+    click.echo(f"key {kid}: private {private_path}, public {public_path}")
+
+
+@main.command(epilog=EPILOG)
+@click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--key", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Private key from `jee1 keygen`.")
+def sign(manifest, key):
+    """Sign MANIFEST (a model's .manifest.json): writes MANIFEST.sig next to it.
+
+    Devices with trusted_keys configured refuse models whose manifest is unsigned or signed by
+    another key.
+    """
+    from .model_check import sign_manifest
+
+    try:
+        out = sign_manifest(manifest, key)
+    except Jee1Error as e:
+        _fail(e)
+    click.echo(f"wrote {out}")

@@ -1,7 +1,8 @@
 """``jee1 demo``: the whole pipeline on the tiny model, where the real 41 GB SM70 is absent.
 
 Build the tiny checkpoint and adapter, convert them to Q4_K_M with ``jee1-convert``'s pipeline,
-load the result with llama.cpp and answer one question through the stored chat template.
+then answer one question through the device engine: manifest check, safety policy, the chat
+template stored in the GGUF, warm prompt prefix, streaming, audit log.
 The tiny model has random weights: its answer is noise; the demo proves the plumbing.
 """
 
@@ -14,8 +15,8 @@ from pathlib import Path
 from jee1.convert.pipeline import ConvertOptions, convert
 from jee1.convert.quant_types import quant_type
 from jee1.convert.tiny import AdapterSpec, TinySpec, build_adapter, build_checkpoint
-from jee1.llama_backend import load_llama
-from jee1.prompts import render
+from .engine import Answer, Engine
+from .settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -26,23 +27,27 @@ QUESTION = "What is the first-line treatment for anaphylaxis?"
 class DemoResult:
     model: Path
     manifest: Path
-    prompt: str
-    answer: str
-    tokens: int
+    answer: Answer
+    status: dict
 
 
-def run_demo(workdir: Path, question: str = QUESTION, max_tokens: int = 24, quiet: bool = False) -> DemoResult:
+def run_demo(workdir: Path, question: str = QUESTION, max_tokens: int = 24, quiet: bool = False,
+             on_text=None) -> DemoResult:
     workdir.mkdir(parents=True, exist_ok=True)
     base = build_checkpoint(workdir / "tiny-base", TinySpec())
     adapter = build_adapter(workdir / "tiny-adapter", TinySpec(), AdapterSpec())
     result = convert(ConvertOptions(base_dir=base, adapter_dir=adapter, output=workdir / "tiny-sm70.Q4_K_M.gguf",
                                     quant=quant_type("Q4_K_M"), quiet=quiet))
-    llama = load_llama(result.output, n_ctx=512, n_threads=2, seed=0)
-    try:
-        template = llama.metadata["tokenizer.chat_template"]
-        prompt = render(template, [{"role": "user", "content": question}])
-        out = llama.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, stop=["###"])
-    finally:
-        llama.close()
-    return DemoResult(result.output, result.manifest, prompt, out["choices"][0]["text"],
-                      out["usage"]["completion_tokens"])
+    settings = Settings.load(overrides={
+        "model": {"path": str(result.output)},
+        "runtime": {"n_ctx": 512, "gpu_layers": "auto"},
+        "answer": {"max_tokens": max_tokens},
+        "cache": {"dir": str(workdir / "cache")},
+        "audit": {"path": str(workdir / "audit.jsonl")},
+    })
+    with Engine(settings) as engine:
+        request = engine.submit(question)
+        for text in request:
+            if on_text:
+                on_text(text)
+        return DemoResult(result.output, result.manifest, request.answer, engine.status())

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import io
 import logging
+import sys
 import threading
 from pathlib import Path
 
@@ -28,9 +29,23 @@ _OUR_LEVEL = {logging.INFO: logging.DEBUG}
 
 _lock = threading.Lock()
 _pending = {"level": logging.DEBUG, "text": ""}
+_emitting = threading.local()
 
 
 def _emit(level: int, text: str) -> None:
+    if getattr(_emitting, "active", False):
+        # a log handler wrote to the captured stderr while we were logging (e.g. logging's
+        # last-resort handler during load_llama): pass it through instead of re-entering
+        sys.__stderr__.write(text)
+        return
+    _emitting.active = True
+    try:
+        _emit_locked(level, text)
+    finally:
+        _emitting.active = False
+
+
+def _emit_locked(level: int, text: str) -> None:
     with _lock:
         if level != GGML_LOG_LEVEL_CONT and _pending["text"]:
             _flush_locked()
@@ -84,7 +99,24 @@ def load_llama(path, **kwargs) -> "llama_cpp.Llama":
     around the load (which would also swallow our own log handlers' output).
     """
     with captured_stderr_prints():
-        return llama_cpp.Llama(model_path=str(path), verbose=True, **kwargs)
+        llama = llama_cpp.Llama(model_path=str(path), verbose=True, **kwargs)
+    llama.verbose = False  # later Python-side prints (generate's cache notes) stay off
+    return llama
+
+
+class TokenPieces:
+    """Token id -> its bytes, exactly (llama-cpp-python's helper returns a zero-padded buffer)."""
+
+    def __init__(self, llama: "llama_cpp.Llama"):
+        self._vocab = llama._model.vocab
+        self._buf = ctypes.create_string_buffer(256)
+
+    def __call__(self, token: int) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        if n < 0:  # a longer piece than the buffer: grow once and retry
+            self._buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+        return self._buf.raw[:n]
 
 
 def vocab_token_count(path) -> int | None:

@@ -170,6 +170,9 @@ def test_demo_answers_through_the_pipeline(tmp_path):
     result = CliRunner().invoke(jee1_cli, ["-q", "demo", "--workdir", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["completion_tokens"] > 0
-    assert data["prompt"].endswith("### Input:\nWhat is the first-line treatment for anaphylaxis?\n\n### Response:\n")
+    answer = data["answer"]
+    assert answer["completion_tokens"] > 0 and answer["finish_reason"] in ("complete", "truncated")
+    assert answer["cached_tokens"] > 0 and answer["cached_tokens"] < answer["prompt_tokens"]
+    assert answer["text"].endswith("qualified clinician.")  # the disclaimer
+    assert data["status"]["verified"] == "verified" and data["status"]["quant"] == "Q4_K_M"
     assert Path(data["model"]).is_file() and Path(data["manifest"]).is_file()

@@ -1,0 +1,178 @@
+"""Before loading: the model must match its manifest, and the manifest its signature.
+
+* Size and sha256 from ``<model>.manifest.json``.  Hashing 41 GB takes minutes, so it shows
+  progress and the result is cached keyed by path + size + mtime: a reboot does not rehash.
+* With trusted keys configured, ``<manifest>.sig`` (written by ``jee1 sign``) must be a valid
+  Ed25519 signature over the manifest's exact bytes by one of them.  The signature is checked
+  on every load; it is cheap.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from jee1.errors import InputError, VerificationError
+from jee1.manifest import manifest_path, sha256_file, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+SIGNATURE_SUFFIX = ".sig"
+VERIFIED_CACHE = "verified-models.json"
+
+
+class ModelRejected(VerificationError):
+    """The model, its manifest or its signature failed a check; it was not loaded."""
+
+
+@dataclass
+class CheckResult:
+    manifest: dict
+    sha256: str
+    hashed: bool          # False: the verified-result cache answered
+    signed_by: str | None  # key id of the trusted key that signed the manifest
+
+
+def key_id(public_key: Ed25519PublicKey) -> str:
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()[:16]
+
+
+def generate_keypair(private_path: Path, public_path: Path) -> str:
+    """Write a new Ed25519 key pair as PEM (private key 0600); returns the key id."""
+    for path in (private_path, public_path):
+        if path.exists():
+            raise InputError(f"{path}: already exists; not overwriting a key")
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    private_path.touch(mode=0o600)
+    private_path.write_bytes(private_pem)
+    public_path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                          serialization.PublicFormat.SubjectPublicKeyInfo))
+    return key_id(key.public_key())
+
+
+def _load_key(path: Path, private: bool):
+    try:
+        data = path.read_bytes()
+        key = (serialization.load_pem_private_key(data, password=None) if private
+               else serialization.load_pem_public_key(data))
+    except FileNotFoundError:
+        raise InputError(f"{path}: key file does not exist") from None
+    except (ValueError, TypeError) as e:
+        raise InputError(f"{path}: not a PEM Ed25519 {'private' if private else 'public'} key ({e})") from None
+    expected = Ed25519PrivateKey if private else Ed25519PublicKey
+    if not isinstance(key, expected):
+        raise InputError(f"{path}: not an Ed25519 key")
+    return key
+
+
+def sign_manifest(manifest: Path, private_key: Path) -> Path:
+    """Write ``<manifest>.sig``: Ed25519 over the manifest file's exact bytes."""
+    key = _load_key(private_key, private=True)
+    try:
+        data = manifest.read_bytes()
+        json.loads(data)
+    except FileNotFoundError:
+        raise InputError(f"{manifest}: manifest does not exist") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{manifest}: not a manifest (invalid JSON: {e})") from None
+    signature = {"algorithm": "ed25519", "key_id": key_id(key.public_key()),
+                 "signature": base64.b64encode(key.sign(data)).decode()}
+    out = manifest.with_name(manifest.name + SIGNATURE_SUFFIX)
+    write_json_atomic(out, signature)
+    return out
+
+
+def _check_signature(manifest: Path, data: bytes, trusted: list[Path]) -> str:
+    sig_path = manifest.with_name(manifest.name + SIGNATURE_SUFFIX)
+    try:
+        sig = json.loads(sig_path.read_text())
+        signature = base64.b64decode(sig["signature"], validate=True)
+    except FileNotFoundError:
+        raise ModelRejected(f"{manifest}: unsigned (no {sig_path.name}) and this device requires a signature") from None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelRejected(f"{sig_path}: malformed signature file ({e})") from None
+    for path in trusted:
+        public = _load_key(Path(path), private=False)
+        try:
+            public.verify(signature, data)
+            return key_id(public)
+        except InvalidSignature:
+            continue
+    raise ModelRejected(f"{sig_path}: signature does not verify with any trusted key "
+                        f"({', '.join(str(p) for p in trusted)})")
+
+
+class VerifiedCache:
+    """path -> (size, mtime_ns, sha256) of models that hashed clean, in a small JSON file."""
+
+    def __init__(self, directory: Path | None):
+        self.path = Path(directory) / VERIFIED_CACHE if directory else None
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: unreadable verified-model cache, ignoring it", self.path)
+            return {}
+
+    def lookup(self, model: Path) -> str | None:
+        entry = self._read().get(str(model.resolve()))
+        st = model.stat()
+        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+            return entry["sha256"]
+        return None
+
+    def store(self, model: Path, sha256: str) -> None:
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = self._read()
+            st = model.stat()
+            data[str(model.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+            write_json_atomic(self.path, data)
+        except OSError as e:
+            log.warning("%s: cannot cache the verification result (%s)", self.path, e.strerror)
+
+
+def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, progress=None) -> CheckResult:
+    """Refuse (ModelRejected) unless model, manifest and signature agree."""
+    model = Path(model)
+    mpath = manifest_path(model)
+    if not model.is_file():
+        raise InputError(f"{model}: model file does not exist")
+    try:
+        data = mpath.read_bytes()
+        manifest = json.loads(data)
+        expected_size, expected_sha = manifest["model"]["size"], manifest["model"]["sha256"]
+    except FileNotFoundError:
+        raise ModelRejected(f"{model}: no manifest ({mpath.name}); refusing an unverifiable model") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ModelRejected(f"{mpath}: malformed manifest ({e})") from None
+    signed_by = _check_signature(mpath, data, trusted_keys) if trusted_keys else None
+    size = model.stat().st_size
+    if size != expected_size:
+        raise ModelRejected(f"{model}: size {size} differs from the manifest's {expected_size}")
+    cache = VerifiedCache(cache_dir)
+    cached = cache.lookup(model)
+    if cached == expected_sha:
+        return CheckResult(manifest, cached, hashed=False, signed_by=signed_by)
+    log.info("verifying %s (%.1f GiB) against its manifest", model.name, size / 2**30)
+    actual = sha256_file(model, progress)
+    if actual != expected_sha:
+        raise ModelRejected(f"{model}: sha256 {actual[:16]}… differs from the manifest's {expected_sha[:16]}…")
+    cache.store(model, actual)
+    return CheckResult(manifest, actual, hashed=True, signed_by=signed_by)

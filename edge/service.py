@@ -1,0 +1,55 @@
+"""``jee1 serve``: the engine as a long-lived process with a status file for ``jee1 status``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+from pathlib import Path
+
+from jee1.manifest import write_json_atomic
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+STATUS_EVERY_S = 5.0
+
+
+def status_path(settings) -> Path:
+    return Path(settings["cache"]["dir"]) / STATUS_FILE
+
+
+def read_status(settings) -> dict | None:
+    """The running service's last status, or None when no live service wrote one."""
+    path = status_path(settings)
+    try:
+        data = json.loads(path.read_text())
+        os.kill(int(data["pid"]), 0)
+    except (OSError, ValueError, KeyError):
+        return None
+    return data
+
+
+def run_service(settings, quiet: bool = False, ready: threading.Event | None = None,
+                stop: threading.Event | None = None) -> None:
+    from .cli import open_engine
+
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    path = status_path(settings)
+    with open_engine(settings, quiet) as engine:
+        log.info("jee1 serve: ready (pid %d)", os.getpid())
+        if ready:
+            ready.set()
+        try:
+            while True:
+                write_json_atomic(path, engine.status() | {"pid": os.getpid(), "service": "running"})
+                if stop.wait(STATUS_EVERY_S):
+                    break
+        finally:
+            path.unlink(missing_ok=True)
+    log.info("jee1 serve: stopped")

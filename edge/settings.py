@@ -1,0 +1,88 @@
+"""Runtime settings: defaults in ``data/default_config.toml``, a device file over them, CLI flags last."""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from jee1.errors import InputError
+
+DEFAULTS_FILE = resources.files("jee1.edge") / "data" / "default_config.toml"
+DEVICE_CONFIG = Path("/etc/jee1/jee1.toml")
+KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}  # GGML type ids llama.cpp accepts for the KV cache
+
+
+def _load_toml(path: Path | Any) -> dict:
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{path}: config file does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML ({e})") from None
+
+
+def _merge(base: dict, over: dict, where: str) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in base:
+            raise InputError(f"{where}: unknown setting {key!r} (known: {', '.join(base)})")
+        if isinstance(base[key], dict):
+            if not isinstance(value, dict):
+                raise InputError(f"{where}: [{key}] must be a table")
+            out[key] = _merge(base[key], value, f"{where} [{key}]")
+        else:
+            if base[key] is not None and not _same_kind(base[key], value):
+                raise InputError(f"{where}: {key} = {value!r} should be a {type(base[key]).__name__}")
+            out[key] = value
+    return out
+
+
+def _same_kind(default, value) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(default, bool) and isinstance(value, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    if isinstance(default, str) and isinstance(value, int):
+        return True  # gpu_layers: "auto" or a count
+    return isinstance(value, type(default))
+
+
+@dataclass
+class Settings:
+    data: dict
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: dict | None = None) -> "Settings":
+        data = _load_toml(DEFAULTS_FILE)
+        if path is None and DEVICE_CONFIG.is_file():
+            path = DEVICE_CONFIG
+        if path is not None:
+            data = _merge(data, _load_toml(Path(path)), str(path))
+        if overrides:
+            data = _merge(data, overrides, "command line")
+        settings = cls(data)
+        settings.validate()
+        return settings
+
+    def __getitem__(self, section: str) -> dict:
+        return self.data[section]
+
+    def validate(self) -> None:
+        rt, ans = self.data["runtime"], self.data["answer"]
+        if rt["kv_type"] not in KV_TYPES:
+            raise InputError(f"runtime.kv_type {rt['kv_type']!r} is not one of {', '.join(KV_TYPES)}")
+        gl = rt["gpu_layers"]
+        if not (gl == "auto" or (isinstance(gl, int) and gl >= 0)
+                or (isinstance(gl, str) and gl.isdigit())):
+            raise InputError(f"runtime.gpu_layers {gl!r} must be 'auto' or a non-negative integer")
+        for section, key in (("runtime", "n_ctx"), ("runtime", "batch"), ("answer", "max_tokens"),
+                             ("answer", "queue_size")):
+            if self.data[section][key] < 1:
+                raise InputError(f"{section}.{key} must be at least 1")
+        if ans["deadline_s"] <= 0:
+            raise InputError("answer.deadline_s must be positive")
