@@ -103,7 +103,11 @@ class WarmPrefix:
         n = len(self.tokens)
         if self.llama.n_tokens >= n and list(self.llama.input_ids[:n]) == self.tokens:
             return True  # generate()'s prefix match trims the rest
-        return self._install(self.state)
+        return self.restore()
+
+    def restore(self) -> bool:
+        """Put the saved prefix state into the context, whatever it holds now."""
+        return self.state is not None and self._install(self.state)
 
     def rebuild(self) -> None:
         if self.path:

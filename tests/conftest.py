@@ -42,3 +42,24 @@ def f16_merged(tmp_path_factory, tiny_base, tiny_adapter):
 @pytest.fixture(scope="session")
 def q4_merged(tmp_path_factory, tiny_base, tiny_adapter):
     return run_convert(tiny_base, tmp_path_factory.mktemp("q4") / "tiny.Q4_K_M.gguf", "Q4_K_M", tiny_adapter)
+
+
+def engine_settings(model_path: Path, workdir: Path, **sections):
+    """Settings for an engine on ``model_path`` with cache and audit inside ``workdir``."""
+    from jee1.edge.settings import Settings
+
+    over = {"model": {"path": str(model_path)}, "runtime": {"threads": 2, "n_ctx": 1024},
+            "cache": {"dir": str(workdir / "cache")}, "audit": {"path": str(workdir / "audit.jsonl")}}
+    for section, values in sections.items():
+        over.setdefault(section, {}).update(values)
+    return Settings.load(overrides=over)
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory, q4_merged):
+    from jee1.edge.engine import Engine
+
+    workdir = tmp_path_factory.mktemp("engine")
+    eng = Engine(engine_settings(q4_merged.output, workdir, answer={"max_tokens": 64, "queue_size": 2}))
+    yield eng
+    eng.close()

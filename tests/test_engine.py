@@ -1,0 +1,208 @@
+"""The engine on the tiny Q4_K_M model: streaming, limits, cancellation, queue, warm prefix, status."""
+
+import gc
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import engine_settings
+from jee1.edge.engine import Busy, Engine, _Stream
+
+QUESTION = "Which enzyme does aspirin inhibit?"
+
+
+def test_stream_order_equals_final_text(engine):
+    request = engine.submit(QUESTION)
+    chunks = []
+    for text in request:
+        if not chunks:
+            assert request.answer is None  # text arrives before the request is finished
+        chunks.append(text)
+    answer = request.answer
+    assert len(chunks) > 3 and "".join(chunks) == answer.text
+    assert answer.text.startswith(answer.body) and answer.text.endswith(engine.policy.disclaimer)
+    assert answer.finish_reason == "truncated" and answer.truncated_by == "max_tokens"
+    assert answer.completion_tokens == 64
+    assert answer.cached_tokens == len(engine.prefix_tokens) < answer.prompt_tokens
+
+
+@pytest.mark.parametrize("text", ["é", "💊", "naïve café ✓"])
+def test_utf8_split_across_tokens_is_never_broken(text):
+    stream = _Stream(stop=[])
+    raw = text.encode()
+    out = "".join(stream.feed(raw[i:i + 1]) for i in range(len(raw))) + stream.feed(b"", final=True)
+    assert out == text and "\ufffd" not in out
+
+
+def test_stop_sequence_split_across_tokens_is_held_back():
+    stream = _Stream(stop=["### Instruction:"])
+    pieces = [b" Adrenaline", b" first.\n\n#", b"## Instr", b"uction: more"]
+    sent = "".join(stream.feed(p) for p in pieces)
+    assert stream.stopped and sent + stream.feed(b"", final=True) == "Adrenaline first."
+
+
+def test_deadline_truncates(engine):
+    answer = engine.ask(QUESTION, max_tokens=900, deadline_s=0.02)
+    assert answer.finish_reason == "truncated" and answer.truncated_by == "deadline"
+    assert 0 < answer.completion_tokens < 900
+    assert engine.policy.truncated_notice in answer.text
+
+
+def test_cancel_mid_stream_then_answer_again(engine):
+    request = engine.submit(QUESTION, max_tokens=900, deadline_s=60)
+    seen = 0
+    for _ in request:
+        seen += 1
+        if seen == 3:
+            at_cancel = request._job.generated
+            request.cancel()
+    answer = request.answer
+    assert answer.finish_reason == "cancelled"
+    assert answer.completion_tokens - at_cancel <= 1  # takes effect within one token
+    again = engine.ask(QUESTION)
+    assert again.finish_reason == "truncated" and again.completion_tokens == 64
+
+
+def test_busy_queue_answers_immediately(engine):
+    first = engine.submit(QUESTION, max_tokens=900, deadline_s=60)
+    waiting, refused = [], 0
+    for _ in range(6):
+        started = time.monotonic()
+        try:
+            waiting.append(engine.submit(QUESTION, max_tokens=900, deadline_s=60))
+        except Busy as e:
+            assert time.monotonic() - started < 0.05 and "busy" in str(e)
+            refused += 1
+    assert refused >= 6 - engine._queue.maxsize - 1
+    for request in [first, *waiting]:
+        request.cancel()
+    for request in [first, *waiting]:
+        assert request.result(timeout=30).finish_reason in ("cancelled", "truncated", "complete")
+    assert engine.status()["requests_refused_busy"] >= refused
+
+
+def test_a_caller_that_disappears_does_not_wedge_the_engine(engine):
+    request = engine.submit(QUESTION, max_tokens=900, deadline_s=60)
+    job = request._job
+    del request
+    gc.collect()
+    assert job.cancelled.is_set()
+    started = time.monotonic()
+    assert engine.ask(QUESTION).completion_tokens == 64
+    assert time.monotonic() - started < 10
+
+
+def test_red_flag_short_circuits_without_the_model(engine):
+    before = engine.status()
+    answer = engine.ask("my wife is gasping for air and her lips look grey")
+    assert answer.finish_reason == "safety" and answer.decision["rule"] == "respiratory.breathing_difficulty"
+    assert answer.text.startswith("This sounds like it could be a medical emergency")
+    assert answer.completion_tokens == 0 and answer.prompt_tokens == 0
+    assert engine.status()["safety_short_circuits"] == before["safety_short_circuits"] + 1
+
+
+def test_empty_question_is_refused(engine):
+    from jee1.errors import InputError
+
+    with pytest.raises(InputError, match="empty"):
+        engine.submit("   ")
+
+
+def test_status_reports_the_model_and_counters(engine):
+    engine.ask(QUESTION)
+    st = engine.status()
+    assert st["model"].endswith(".gguf") and len(st["sha256"]) == 64 and st["quant"] == "Q4_K_M"
+    assert st["gpu_layers"] == 0 and st["total_layers"] == 3 and st["offload"] == "cpu"
+    assert st["context"] == 1024 and st["memory_rss_bytes"] > 0 and st["uptime_s"] >= 0
+    assert st["requests_served"] >= 1 and st["last_tokens_per_s"] > 0 and st["last_ttft_s"] > 0
+    assert st["warm_prefix"] in ("evaluated", "disk")
+
+
+def _last_logits(llama):
+    return np.ctypeslib.as_array(llama._ctx.get_logits_ith(-1), shape=(llama.n_vocab(),)).copy()
+
+
+def test_warm_prefix_gives_the_same_first_token_logits_as_cold(tmp_path, q4_merged):
+    settings = engine_settings(q4_merged.output, tmp_path)
+    with Engine(settings) as warm_engine:
+        assert warm_engine.warm.source == "evaluated"
+        llama = warm_engine.llama
+        prompt = warm_engine._tokenize(warm_engine.layout.build(QUESTION), bos=True)
+        n = len(warm_engine.prefix_tokens)
+        assert prompt[:n] == warm_engine.prefix_tokens
+        with warm_engine._lock:
+            llama.reset()
+            llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+            llama.eval(prompt)                       # cold: the whole prompt
+            cold = _last_logits(llama)
+            assert warm_engine.warm.restore() and llama.n_tokens == n
+            llama.eval(prompt[n:])                   # warm: prefix restored, question only
+            warm = _last_logits(llama)
+    np.testing.assert_allclose(warm, cold, atol=1e-3)
+    assert warm.argmax() == cold.argmax()
+    with Engine(settings) as from_disk:               # next start: the state comes from disk
+        assert from_disk.warm.source == "disk"
+        with from_disk._lock:
+            assert from_disk.warm.restore()
+            from_disk.llama.eval(prompt[n:])
+            np.testing.assert_allclose(_last_logits(from_disk.llama), cold, atol=1e-3)
+
+
+def test_pre_model_short_circuit_can_be_switched_off(tmp_path, q4_merged):
+    settings = engine_settings(q4_merged.output, tmp_path, safety={"pre_model": False}, answer={"max_tokens": 8})
+    with Engine(settings) as eng:
+        answer = eng.ask("my wife is gasping for air and her lips look grey")
+        assert answer.finish_reason != "safety" and answer.completion_tokens > 0
+        assert answer.decision["pre_model"] is False and eng.status()["pre_model_safety"] is False
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert records[0]["event"] == "engine_start" and records[0]["pre_model_safety"] is False
+
+
+def test_audit_log_records_decisions_and_hashes_text(tmp_path, q4_merged):
+    settings = engine_settings(q4_merged.output, tmp_path, answer={"max_tokens": 8})
+    with Engine(settings) as eng:
+        eng.ask(QUESTION)
+        eng.ask("I want to kill myself")
+    records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    answers = [r for r in records if r["event"] == "answer"]
+    assert [r["red_flag"] for r in answers] == [False, True]
+    assert answers[1]["rule"] == "mental_health.suicidal_intent" and answers[1]["finish_reason"] == "safety"
+    assert all(r["question"].startswith("sha256:") and r["answer"].startswith("sha256:") for r in answers)
+    assert "aspirin" not in (tmp_path / "audit.jsonl").read_text()
+    assert {"request_id", "ttft_s", "total_s", "prompt_tokens", "completion_tokens"} <= set(answers[0])
+
+
+def test_audit_log_keeps_text_when_configured_and_rotates(tmp_path, q4_merged):
+    settings = engine_settings(q4_merged.output, tmp_path, answer={"max_tokens": 4},
+                               audit={"log_text": True, "max_bytes": 2000, "backups": 2})
+    with Engine(settings) as eng:
+        for _ in range(8):
+            eng.ask(QUESTION)
+    assert QUESTION in (tmp_path / "audit.jsonl").read_text()
+    assert (tmp_path / "audit.jsonl.1").is_file() and not (tmp_path / "audit.jsonl.3").exists()
+
+
+from hypothesis import given, settings as hsettings, strategies as st  # noqa: E402
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=60),
+       cuts=st.lists(st.integers(min_value=0, max_value=240), max_size=12),
+       stop=st.sampled_from([[], ["###"], ["\n\n", "END"]]))
+def test_stream_reassembles_any_split(text, cuts, stop):
+    """Whatever the token boundaries (even inside a UTF-8 sequence), what is sent is exactly the
+    text, stripped, cut before the first stop sequence."""
+    raw = text.encode()
+    bounds = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
+    stream = _Stream(stop)
+    sent = "".join(stream.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
+    sent += stream.feed(b"", final=True)
+    expected = text.lstrip()
+    for s in stop:
+        if s in expected:
+            expected = expected[:expected.index(s)]
+    # the earliest stop wins; a stop inside leading whitespace was stripped with it
+    cut = min((expected.index(s) for s in stop if s in expected), default=len(expected))
+    assert sent == expected[:cut].rstrip() and sent == stream.text

@@ -1,0 +1,154 @@
+"""Loading refuses a model that does not match its manifest, or a manifest not signed by a trusted key."""
+
+import base64
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import engine_settings
+from jee1.edge.cli import main as jee1_cli
+from jee1.edge.engine import Engine
+from jee1.edge.model_check import ModelRejected, check_model, generate_keypair, sign_manifest
+from jee1.errors import InputError
+from jee1.manifest import manifest_path
+
+
+@pytest.fixture
+def model(tmp_path, q4_merged):
+    dst = tmp_path / "model" / "sm70.gguf"
+    dst.parent.mkdir()
+    shutil.copy2(q4_merged.output, dst)
+    shutil.copy2(manifest_path(q4_merged.output), manifest_path(dst))
+    return dst
+
+
+@pytest.fixture
+def keys(tmp_path):
+    runner = CliRunner()
+    for name in ("a", "b"):
+        result = runner.invoke(jee1_cli, ["keygen", "--private", str(tmp_path / f"{name}.key"),
+                                          "--public", str(tmp_path / f"{name}.pub")])
+        assert result.exit_code == 0, result.output
+    assert oct((tmp_path / "a.key").stat().st_mode & 0o777) == "0o600"
+    return tmp_path
+
+
+def flip_byte(path, offset=-100):
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_matching_model_loads_and_the_result_is_cached(model, tmp_path):
+    first = check_model(model, [], tmp_path / "cache")
+    assert first.hashed and first.sha256 == json.loads(manifest_path(model).read_text())["model"]["sha256"]
+    again = check_model(model, [], tmp_path / "cache")
+    assert not again.hashed                      # size+mtime unchanged: no rehash after a reboot
+    os.utime(model, ns=(model.stat().st_atime_ns, model.stat().st_mtime_ns + 1))
+    assert check_model(model, [], tmp_path / "cache").hashed
+
+
+def test_changed_model_is_refused(model, tmp_path):
+    flip_byte(model)
+    with pytest.raises(ModelRejected, match="sha256 .* differs from the manifest"):
+        check_model(model, [], tmp_path / "cache")
+
+
+def test_changed_model_is_refused_even_after_a_cached_pass(model, tmp_path):
+    check_model(model, [], tmp_path / "cache")
+    flip_byte(model)                              # new mtime: the cache no longer vouches for it
+    with pytest.raises(ModelRejected, match="sha256"):
+        check_model(model, [], tmp_path / "cache")
+
+
+def test_truncated_model_is_refused(model, tmp_path):
+    with open(model, "r+b") as f:
+        f.truncate(model.stat().st_size - 10)
+    with pytest.raises(ModelRejected, match="size .* differs"):
+        check_model(model, [], tmp_path / "cache")
+
+
+def test_missing_manifest_is_refused_unless_skipped(model, tmp_path):
+    manifest_path(model).unlink()
+    with pytest.raises(ModelRejected, match="no manifest"):
+        Engine(engine_settings(model, tmp_path))
+    with Engine(engine_settings(model, tmp_path, model={"verify": False}, answer={"max_tokens": 2})) as eng:
+        assert eng.status()["verified"] == "not verified"
+
+
+def test_signed_manifest_loads(model, keys, tmp_path):
+    sign_manifest(manifest_path(model), keys / "a.key")
+    result = check_model(model, [keys / "a.pub"], tmp_path / "cache")
+    assert result.signed_by is not None
+    settings = engine_settings(model, tmp_path, model={"trusted_keys": [str(keys / "b.pub"), str(keys / "a.pub")]},
+                               answer={"max_tokens": 2})
+    with Engine(settings) as eng:
+        assert eng.status()["verified"].startswith("verified, signed by")
+
+
+def test_unsigned_manifest_is_refused_when_keys_are_trusted(model, keys, tmp_path):
+    with pytest.raises(ModelRejected, match="unsigned"):
+        check_model(model, [keys / "a.pub"], tmp_path / "cache")
+
+
+def test_signature_by_an_untrusted_key_is_refused(model, keys, tmp_path):
+    sign_manifest(manifest_path(model), keys / "b.key")
+    with pytest.raises(ModelRejected, match="does not verify with any trusted key"):
+        check_model(model, [keys / "a.pub"], tmp_path / "cache")
+
+
+def test_tampered_model_alone_is_refused(model, keys, tmp_path):
+    sign_manifest(manifest_path(model), keys / "a.key")
+    flip_byte(model)
+    with pytest.raises(ModelRejected, match="sha256"):
+        check_model(model, [keys / "a.pub"], tmp_path / "cache")
+
+
+def test_tampered_manifest_alone_is_refused(model, keys, tmp_path):
+    mpath = manifest_path(model)
+    sign_manifest(mpath, keys / "a.key")
+    data = json.loads(mpath.read_text())
+    data["model"]["quant"] = "F16"                 # a plausible edit; hash and size untouched
+    mpath.write_text(json.dumps(data, indent=2) + "\n")
+    with pytest.raises(ModelRejected, match="does not verify"):
+        check_model(model, [keys / "a.pub"], tmp_path / "cache")
+
+
+def test_swapping_model_and_manifest_together_is_refused(model, keys, tmp_path, f16_merged):
+    """A hash alone does not stop this; the signature does."""
+    sign_manifest(manifest_path(model), keys / "a.key")
+    shutil.copy2(f16_merged.output, model)
+    shutil.copy2(manifest_path(f16_merged.output), manifest_path(model))
+    assert check_model(model, [], tmp_path / "c1").sha256              # consistent pair: hash passes
+    with pytest.raises(ModelRejected, match="does not verify"):
+        check_model(model, [keys / "a.pub"], tmp_path / "c2")
+
+
+def test_tampered_signature_alone_is_refused(model, keys, tmp_path):
+    mpath = manifest_path(model)
+    sig = sign_manifest(mpath, keys / "a.key")
+    data = json.loads(sig.read_text())
+    raw = bytearray(base64.b64decode(data["signature"]))
+    raw[5] ^= 0x01
+    data["signature"] = base64.b64encode(bytes(raw)).decode()
+    sig.write_text(json.dumps(data))
+    with pytest.raises(ModelRejected, match="does not verify"):
+        check_model(model, [keys / "a.pub"], tmp_path / "cache")
+    sig.write_text("{not json")
+    with pytest.raises(ModelRejected, match="malformed signature"):
+        check_model(model, [keys / "a.pub"], tmp_path / "cache")
+
+
+def test_sign_cli_and_bad_key(model, keys, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(jee1_cli, ["sign", str(manifest_path(model)), "--key", str(keys / "a.key")])
+    assert result.exit_code == 0 and manifest_path(model).with_name(manifest_path(model).name + ".sig").is_file()
+    bad = runner.invoke(jee1_cli, ["sign", str(manifest_path(model)), "--key", str(keys / "a.pub")])
+    assert bad.exit_code == 1 and "not a PEM Ed25519 private key" in bad.output
+    again = runner.invoke(jee1_cli, ["keygen", "--private", str(keys / "a.key"), "--public", str(keys / "x.pub")])
+    assert again.exit_code == 1 and "already exists" in again.output
+    with pytest.raises(InputError, match="key file does not exist"):
+        check_model(model, [tmp_path / "nope.pub"], None)
