@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/convert_bench.py
+	$(BIN)/python benchmarks/runtime_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -125,6 +125,10 @@ def engine_options(f):
         click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length (runtime.n_ctx)."),
         click.option("--threads", type=click.IntRange(min=0), help="CPU threads, 0 = all (runtime.threads)."),
         click.option("--kv-type", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]), help="KV cache type."),
+        click.option("--batch", type=click.IntRange(min=1), help="Prompt tokens per decode call (runtime.batch)."),
+        click.option("--flash-attn/--no-flash-attn", default=None, help="runtime.flash_attn"),
+        click.option("--mmap/--no-mmap", default=None, help="Memory-map the model (runtime.mmap)."),
+        click.option("--mlock/--no-mlock", default=None, help="Lock the model in RAM (runtime.mlock)."),
         click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="cache.dir"),
         click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False), help="audit.path"),
         click.option("--no-verify", is_flag=True, help="Skip the manifest check (development only; logged)."),
@@ -134,8 +138,8 @@ def engine_options(f):
     return f
 
 
-def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv_type=None, cache_dir=None,
-                  audit_log=None, no_verify=False, **answer):
+def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv_type=None, batch=None,
+                  flash_attn=None, mmap=None, mlock=None, cache_dir=None, audit_log=None, no_verify=False, **answer):
     from .settings import Settings
 
     over: dict = {"model": {}, "runtime": {}, "cache": {}, "audit": {}, "answer": {}}
@@ -146,7 +150,8 @@ def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv
     if gpu_layers is not None:
         over["runtime"]["gpu_layers"] = gpu_layers if gpu_layers == "auto" else int(gpu_layers) \
             if gpu_layers.isdigit() else gpu_layers
-    for key, value in (("n_ctx", n_ctx), ("threads", threads), ("kv_type", kv_type)):
+    for key, value in (("n_ctx", n_ctx), ("threads", threads), ("kv_type", kv_type), ("batch", batch),
+                       ("flash_attn", flash_attn), ("mmap", mmap), ("mlock", mlock)):
         if value is not None:
             over["runtime"][key] = value
     if cache_dir:

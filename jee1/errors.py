@@ -31,5 +31,6 @@ EXIT_CODES = {
     1: "bad input (the message names the file or tensor)",
     2: "usage error (unknown option, missing argument)",
     3: "environment problem (disk space, llama.cpp failure)",
-    4: "output failed verification (nothing was kept)",
+    4: "verification failed: converter output not kept, or a model refused by its manifest/signature",
+    5: "engine busy (request queue full)",
 }
