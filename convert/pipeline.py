@@ -22,6 +22,7 @@ from jee1 import __version__
 from jee1.errors import InputError, ResourceError, VerificationError
 from jee1.gguf_info import GgufSummary, read_gguf
 from jee1.manifest import MANIFEST_FORMAT, file_record, manifest_path, write_json_atomic
+from jee1.procstat import reset_peak_rss, status_bytes
 from jee1.prompts import DEFAULT_TEMPLATE, load_template
 
 from .adapter import Adapter
@@ -84,36 +85,17 @@ class ConvertResult:
         }
 
 
-def _reset_peak_rss() -> None:
-    try:  # "5" resets VmHWM (Linux >= 4.0), so each phase reports its own peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 class _Phase:
     def __init__(self, result: ConvertResult, name: str):
         self.result, self.name, self.bytes = result, name, 0
 
     def __enter__(self):
-        _reset_peak_rss()
+        reset_peak_rss()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        self.result.phases[self.name] = PhaseStats(time.perf_counter() - self.start, self.bytes, _peak_rss())
+        self.result.phases[self.name] = PhaseStats(time.perf_counter() - self.start, self.bytes, status_bytes("VmHWM"))
 
 
 def _check_disk_space(directory: Path, needed: int) -> None:

@@ -27,6 +27,7 @@ from pathlib import Path
 from jee1.errors import InputError, Jee1Error
 from jee1.gguf_info import read_gguf
 from jee1.llama_backend import TokenPieces, load_llama, supports_gpu_offload
+from jee1.procstat import status_bytes
 from jee1.prompts import load_template
 
 from .audit import AuditLog, text_digest
@@ -377,7 +378,7 @@ class Engine:
     def status(self) -> dict:
         with self._stats_lock:
             st = {k: (list(v) if isinstance(v, list) else v) for k, v in self._stats.items()}
-        rss = _rss_bytes()
+        rss = status_bytes("VmRSS")
         mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
         return {
             "model": self.model_path.name, "sha256": self.model_sha256, "verified": self.verified,
@@ -426,14 +427,3 @@ def _quant_name(summary) -> str:
         return LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
     except ValueError:
         return f"file_type {file_type}"
-
-
-def _rss_bytes() -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
