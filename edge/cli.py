@@ -206,9 +206,10 @@ def ask(ctx, question, max_tokens, deadline_s, as_json, **engine_opts):
         _fail(e)
     if as_json:
         click.echo(json.dumps(answer.as_json(), indent=2, ensure_ascii=False))
-    else:
+    elif answer.finish_reason != "error":
         click.echo()
     if answer.finish_reason == "error":
+        click.echo(f"jee1: error: {answer.text}", err=True)
         sys.exit(1)
 
 

@@ -55,6 +55,11 @@ def test_ask_refuses_a_tampered_model(tmp_path, q4_merged):
     assert proc.returncode == 4 and "sha256" in proc.stderr and "differs from the manifest" in proc.stderr
 
 
+def test_ask_question_longer_than_the_context(dirs):
+    proc = jee1("-q", "ask", *dirs, "aspirin " * 400)
+    assert proc.returncode == 1 and "the question is too long" in proc.stderr and proc.stdout == ""
+
+
 def test_ask_missing_model(tmp_path):
     proc = jee1("-q", "ask", "--model", tmp_path / "none.gguf", "--cache-dir", tmp_path, "hi")
     assert proc.returncode == 1 and "model file does not exist" in proc.stderr

@@ -103,6 +103,12 @@ def test_red_flag_short_circuits_without_the_model(engine):
     assert engine.status()["safety_short_circuits"] == before["safety_short_circuits"] + 1
 
 
+def test_a_failing_request_leaves_the_engine_ready(engine):
+    failed = engine.ask("aspirin " * 600)             # longer than the context
+    assert failed.finish_reason == "error" and "too long" in failed.error
+    assert engine.ask(QUESTION).completion_tokens == 64
+
+
 def test_empty_question_is_refused(engine):
     from jee1.errors import InputError
 
