@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 from jee1.convert.pipeline import ConvertOptions, convert
 from jee1.convert.quant_types import quant_type

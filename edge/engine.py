@@ -151,11 +151,12 @@ class _Stream:
         if final:
             self.text = self.text.rstrip()
             ready = len(self.text)
+        elif not new.strip():
+            ready = self._sent  # whitespace may end the answer: hold it until more text follows
         else:
-            # never send trailing whitespace (it may end the answer) or a possible stop-sequence start
-            ready = min(len(self.text) - self._hold, len(self.text) - (len(new) - len(new.rstrip()))
-                        if new.strip() else self._sent)
-            ready = max(self._sent, ready)
+            trailing_space = len(new) - len(new.rstrip())
+            held_for_stop = self._hold  # the end of the text may be the start of a stop sequence
+            ready = max(self._sent, len(self.text) - max(trailing_space, held_for_stop))
         out = self.text[self._sent:ready]
         self._sent = ready
         return out
@@ -165,7 +166,7 @@ class Engine:
     def __init__(self, settings: Settings, model_path: str | Path | None = None, progress=None):
         self.settings = settings
         self.started = time.monotonic()
-        s_model, s_rt, s_ans, s_cache, s_audit = (settings[k] for k in ("model", "runtime", "answer", "cache", "audit"))
+        s_model, s_cache = settings["model"], settings["cache"]
         self.model_path = Path(model_path or s_model["path"])
         cache_dir = Path(s_cache["dir"]) if s_cache["dir"] else None
         if s_model["verify"]:
@@ -179,6 +180,16 @@ class Engine:
         self.metadata = summary.metadata
         self.quant = _quant_name(summary)
         self.plan = self._plan_gpu(summary)
+        self.llama = None
+        try:
+            self._start(settings, summary, cache_dir)
+        except BaseException:
+            if self.llama is not None:
+                self.llama.close()
+            raise
+
+    def _start(self, settings: Settings, summary, cache_dir: Path | None) -> None:
+        s_rt, s_ans, s_cache, s_audit = (settings[k] for k in ("runtime", "answer", "cache", "audit"))
         self.llama = load_llama(
             self.model_path, n_ctx=s_rt["n_ctx"], n_threads=s_rt["threads"] or os.cpu_count(),
             n_batch=s_rt["batch"], n_gpu_layers=self.plan.gpu_layers, type_k=KV_TYPES[s_rt["kv_type"]],

@@ -1,7 +1,6 @@
 """The device CLI end to end in real processes: ask, serve + status, settings errors, offline."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess

@@ -203,12 +203,9 @@ def test_stream_reassembles_any_split(text, cuts, stop):
     raw = text.encode()
     bounds = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
     stream = _Stream(stop)
-    sent = "".join(stream.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:]))
+    sent = "".join(stream.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     sent += stream.feed(b"", final=True)
     expected = text.lstrip()
-    for s in stop:
-        if s in expected:
-            expected = expected[:expected.index(s)]
     # the earliest stop wins; a stop inside leading whitespace was stripped with it
     cut = min((expected.index(s) for s in stop if s in expected), default=len(expected))
     assert sent == expected[:cut].rstrip() and sent == stream.text

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import engine_settings
 from jee1.edge.cli import main as jee1_cli
 from jee1.edge.engine import Engine
-from jee1.edge.model_check import ModelRejected, check_model, generate_keypair, sign_manifest
+from jee1.edge.model_check import ModelRejected, check_model, sign_manifest
 from jee1.errors import InputError
 from jee1.manifest import manifest_path
 

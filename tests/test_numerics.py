@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from helpers import as_stored, peft_merge, read_checkpoint, softmax
+from helpers import as_stored, peft_merge, read_checkpoint
 from jee1.llama_backend import load_llama
 from reference_llama import forward
 
