@@ -163,7 +163,7 @@ def main() -> int:
                                       "--threads", str(args.threads)], capture_output=True, text=True, check=True)
                 data = json.loads(out.stdout.strip().splitlines()[-1])
                 collected[kind] += data.pop("runs")
-                extra |= data
+                extra[kind] = data
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -185,8 +185,8 @@ def main() -> int:
         "ratio_ttft_bare_over_engine": round(ttft(bare) / ttft(ours), 3),
         "create_completion_tokens_per_s": round(rate(completion), 1),
         "create_completion_ttft_ms": round(ttft(completion) * 1e3, 3),
-        "preamble_tokens": extra["prefix_tokens"], "prompt_tokens": extra["prompt_tokens"],
-        "warm_cached_tokens": extra["cached_tokens"],
+        "preamble_tokens": extra["warm"]["prefix_tokens"], "prompt_tokens": extra["warm"]["prompt_tokens"],
+        "warm_cached_tokens": extra["warm"]["cached_tokens"], "cold_cached_tokens": extra["cold"]["cached_tokens"],
         "cold_ttft_ms": round(ttft(collected["cold"]) * 1e3, 3), "warm_ttft_ms": round(ttft(collected["warm"]) * 1e3, 3),
     }
     figures["warm_over_cold"] = round(figures["warm_ttft_ms"] / figures["cold_ttft_ms"], 3)
