@@ -92,3 +92,33 @@ def test_bf16_output_rounds_the_merge(tmp_path, tiny_base, tiny_adapter):
     assert t.tensor_type == gguf.GGMLQuantizationType.BF16
     ours = gguf.quants.dequantize(t.data, t.tensor_type).reshape(merged.shape)
     np.testing.assert_allclose(ours, merged, rtol=2 ** -8, atol=1e-6)
+
+
+def _edit_config(adapter, **changes):
+    import json
+
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+
+
+def test_layers_to_transform_limits_the_targets(tmp_path, tiny_base):
+    from jee1.errors import InputError
+
+    adapter = build_adapter(tmp_path / "a", TinySpec(), AdapterSpec(targets=r"model\.layers\.1\..*_proj"))
+    _edit_config(adapter, target_modules=ALL_PROJECTIONS, layers_to_transform=[1])
+    run_convert(tiny_base, tmp_path / "ok.gguf", "F16", adapter)
+    _edit_config(adapter, layers_to_transform=[0])
+    with pytest.raises(InputError, match="model.layers.0.* no LoRA weights"):
+        run_convert(tiny_base, tmp_path / "bad.gguf", "F16", adapter)
+
+
+def test_exclude_modules_removes_targets(tmp_path, tiny_base):
+    from jee1.errors import InputError
+
+    kept = [p for p in ALL_PROJECTIONS if p != "k_proj"]
+    adapter = build_adapter(tmp_path / "a", TinySpec(), AdapterSpec(targets=kept))
+    _edit_config(adapter, target_modules=ALL_PROJECTIONS, exclude_modules=["k_proj"])
+    run_convert(tiny_base, tmp_path / "ok.gguf", "F16", adapter)
+    _edit_config(adapter, exclude_modules=None)
+    with pytest.raises(InputError, match="k_proj.* no LoRA weights"):
+        run_convert(tiny_base, tmp_path / "bad.gguf", "F16", adapter)
