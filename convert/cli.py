@@ -46,10 +46,20 @@ def _terminate(signum, _frame):
 @click.option("--threads", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default=True,
               help="Threads for llama.cpp's quantizer.")
 @click.option("--keep-intermediate", is_flag=True, help="Keep the F16 intermediate as OUTPUT-stem.F16.gguf.")
+@click.option("--verify-against-f16", is_flag=True,
+              help="After quantizing, measure KL divergence and top-1 agreement against the F16 intermediate on "
+                   "a medical text; fail (exit 4, nothing kept) above the thresholds; results go to the manifest.")
+@click.option("--verify-text", type=click.Path(path_type=Path, dir_okay=False),
+              help="Text for --verify-against-f16 (default: the medical text shipped with jee1).")
+@click.option("--max-kl", type=click.FloatRange(min=0), default=0.10, show_default=True,
+              help="Largest mean KL(F16 || quantized) in nats per token the gate accepts.")
+@click.option("--min-top1", type=click.FloatRange(0, 1), default=0.85, show_default=True,
+              help="Smallest top-1 agreement with the F16 the gate accepts.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings and errors only.")
 @click.option("-v", "--verbose", count=True, help="More log output (llama.cpp's included).")
-def main(base_dir, adapter_dir, output, quant, template, threads, keep_intermediate, as_json, quiet, verbose):
+def main(base_dir, adapter_dir, output, quant, template, threads, keep_intermediate, verify_against_f16,
+         verify_text, max_kl, min_top1, as_json, quiet, verbose):
     """Convert a Hugging Face Llama-2 checkpoint (BASE_DIR) and an optional PEFT LoRA adapter
     into a single GGUF for llama.cpp, merged, quantized, verified and checksummed.
 
@@ -68,7 +78,8 @@ def main(base_dir, adapter_dir, output, quant, template, threads, keep_intermedi
     try:
         opts = ConvertOptions(base_dir=base_dir, output=output, quant=quant_type(quant), adapter_dir=adapter_dir,
                               template=template, threads=threads, keep_intermediate=keep_intermediate,
-                              quiet=quiet or as_json)
+                              quiet=quiet or as_json, verify_against_f16=verify_against_f16,
+                              verify_text=verify_text, max_kl=max_kl, min_top1=min_top1)
         result = convert(opts)
     except Jee1Error as e:
         click.echo(f"jee1-convert: error: {e}", err=True)

@@ -50,6 +50,10 @@ class ConvertOptions:
     keep_intermediate: bool = False
     quiet: bool = False
     model_name: str = MODEL_NAME
+    verify_against_f16: bool = False     # KL quality gate of the quantized file against the F16
+    verify_text: Path | None = None      # default: the medical text shipped in convert/data
+    max_kl: float = 0.10                 # mean KL(F16 || quantized) allowed, nats per token
+    min_top1: float = 0.85               # top-1 agreement required
 
 
 @dataclass
@@ -79,6 +83,7 @@ class ConvertResult:
             "quant": model["quant"], "size": model["size"], "sha256": model["sha256"],
             "tensor_count": model["tensor_count"], "parameter_count": model["parameter_count"],
             "tensor_types": model["tensor_types"],
+            "quality_gate": self.manifest_data.get("quality_gate"),
             "intermediate": str(self.intermediate) if self.intermediate else None,
             "phases": {k: {"seconds": round(v.seconds, 3), "bytes": v.bytes, "mb_per_s": round(v.mb_per_s, 1),
                            "peak_rss": v.peak_rss} for k, v in self.phases.items()},
@@ -140,6 +145,10 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         raise InputError(f"{out.parent}: output directory does not exist")
     if out.is_dir():
         raise InputError(f"{out}: is a directory; give the output file name")
+    if opts.verify_against_f16 and not quant.needs_llama_quantizer:
+        raise InputError(f"--verify-against-f16 compares a quantized file with its F16; --quant {quant.name} has none")
+    if opts.verify_text is not None and not Path(opts.verify_text).is_file():
+        raise InputError(f"{opts.verify_text}: verification text does not exist")
 
     # 1. every input, before any output
     checkpoint = Checkpoint.open(opts.base_dir)
@@ -171,6 +180,10 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             with _Phase(result, "quantize") as phase, phase_bar("quantize", final_bytes, opts.quiet) as bar:
                 quantize(tmp_written, tmp_final, quant, opts.threads, bar)
                 phase.bytes = tmp_written.stat().st_size
+        gate = None
+        if opts.verify_against_f16:
+            with _Phase(result, "quality gate"):
+                gate = _quality_gate(opts, tmp_written, tmp_final, checkpoint)
         with _Phase(result, "verify"):
             result.summary = _verify(tmp_final, checkpoint, quant)
         inputs = checkpoint.files + (adapter.files if adapter else [])
@@ -184,6 +197,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             phase.bytes = total
         _fsync(tmp_final)  # the rename below must never expose a file whose data is not on disk
         result.manifest_data = _manifest(result.summary, model, input_records, quant, provenance)
+        if gate is not None:
+            result.manifest_data["quality_gate"] = gate
         write_json_atomic(result.manifest, result.manifest_data)
         os.replace(tmp_final, out)
         if kept is not None:
@@ -196,6 +211,30 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         checkpoint.close()
         if adapter:
             adapter.close()
+
+
+def _quality_gate(opts: ConvertOptions, f16: Path, quantized: Path, checkpoint: Checkpoint) -> dict:
+    """KL divergence and top-1 agreement of the quantized file against the F16 on a medical text."""
+    import hashlib
+    from importlib import resources
+
+    from jee1.quality import compare
+
+    if opts.verify_text is not None:
+        name, text = str(opts.verify_text), Path(opts.verify_text).read_text(encoding="utf-8")
+    else:
+        name, text = "built-in medical_corpus.txt", (resources.files("jee1.convert") / "data" / "medical_corpus.txt").read_text("utf-8")
+    n_ctx = min(512, checkpoint.config.max_position_embeddings)
+    result = compare(f16, quantized, text, n_ctx=n_ctx, threads=opts.threads).as_json()
+    gate = {"text": name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx,
+            "max_kl_mean": opts.max_kl, "min_top1": opts.min_top1, **result}
+    log.info("quality gate vs F16: mean KL %.4f (max allowed %.4f), top-1 %.1f%% (min %.1f%%)",
+             result["kl_mean"], opts.max_kl, 100 * result["top1_agreement"], 100 * opts.min_top1)
+    if result["kl_mean"] > opts.max_kl or result["top1_agreement"] < opts.min_top1:
+        raise VerificationError(f"{opts.quant.name} fails the quality gate against F16: mean KL "
+                                f"{result['kl_mean']:.4f} (max {opts.max_kl}), top-1 agreement "
+                                f"{100 * result['top1_agreement']:.1f}% (min {100 * opts.min_top1:.1f}%)")
+    return gate
 
 
 def _fsync(path: Path) -> None:

@@ -11,7 +11,7 @@ import click
 
 from jee1 import __version__
 from jee1.convert.cli import configure_logging
-from jee1.errors import EXIT_CODES, Jee1Error
+from jee1.errors import EXIT_CODES, InputError, Jee1Error
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 
@@ -38,6 +38,7 @@ def main(ctx, config_path, verbose, quiet):
     jee1 safety-check TEXT     run only the safety policy
     jee1 keygen / jee1 sign    Ed25519 keys and manifest signatures (workstation)
     jee1 inspect FILE.gguf     GGUF metadata and tensor types
+    jee1 eval MODEL --task ..  MedQA / PubMedQA / USMLE accuracy, KL against the F16
     jee1 demo                  tiny end-to-end demo without the real model
     """
     configure_logging(verbose, quiet)
@@ -315,3 +316,89 @@ def sign(manifest, key):
     except Jee1Error as e:
         _fail(e)
     click.echo(f"wrote {out}")
+
+
+@main.command("eval", epilog=EPILOG)
+@click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--task", "tasks", type=(click.Choice(["medqa", "pubmedqa", "usmle"]), click.Path(path_type=Path)),
+              multiple=True, help="A benchmark and its local file (repeatable): medqa FILE.jsonl, pubmedqa FILE.json, "
+                                  "usmle FILE.jsonl (layouts in docs/eval.md).")
+@click.option("--mode", type=click.Choice(["loglik", "generate"]), default="loglik", show_default=True,
+              help="loglik: score each option's continuation (as evaluation harnesses do); generate: let the "
+                   "model answer and parse the letter / yes-no-maybe strictly (unparseable counts as wrong).")
+@click.option("--style", type=click.Choice(["harness", "chat"]), default="harness", show_default=True,
+              help="harness: lm-evaluation-harness's medqa_4options / pubmed_qa layouts (comparable with published "
+                   "figures); chat: the model's own chat template with the device preamble.")
+@click.option("--fewshot", type=(click.Choice(["medqa", "pubmedqa", "usmle"]), click.Path(path_type=Path)),
+              multiple=True, help="Few-shot examples for a task, from a separate file in the same format.")
+@click.option("-k", "--shots", "k", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Few-shot examples per question (published comparison figures are five-shot).")
+@click.option("--seed", type=int, default=1234, show_default=True, help="Seed of the few-shot draw.")
+@click.option("--limit", type=click.IntRange(min=1), help="Only the first N questions of each task.")
+@click.option("--strict", is_flag=True, help="A malformed row fails the run (default: reported and skipped).")
+@click.option("--pre-model-safety/--no-pre-model-safety", default=False, show_default=True,
+              help="Keep the device's red-flag short-circuit on (off by default: the model itself is measured; "
+                   "the results say which).")
+@click.option("--reference", type=click.Path(path_type=Path, dir_okay=False),
+              help="Reference GGUF (the F16): with --text, KL divergence/top-1/perplexity of MODEL against it; "
+                   "with --task, both are evaluated and compared question by question (McNemar).")
+@click.option("--text", "text_file", type=click.Path(path_type=Path, dir_okay=False),
+              help="A text for the KL-divergence quality gate (needs --reference).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path, file_okay=False), default=Path("eval-results"),
+              show_default=True, help="Results, per-question records (resumable), report.md, accuracy.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print results.json on stdout.")
+@engine_options
+@click.pass_context
+def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, pre_model_safety, reference,
+          text_file, out_dir, as_json, **engine_opts):
+    """Measure MODEL on MedQA-USMLE, PubMedQA and the USMLE sample exam, on the device's engine code,
+    and/or its distance from a reference GGUF.
+
+    \b
+      jee1 eval sm70.Q4_K_M.gguf --task medqa test.jsonl --fewshot medqa train.jsonl -k 5
+      jee1 eval sm70.Q4_K_M.gguf --reference sm70.F16.gguf --text medical.txt
+      jee1 eval sm70.Q4_K_M.gguf --reference sm70.F16.gguf --task pubmedqa ori_pqal.json
+
+    Re-running with the same --out resumes from the per-question records.
+    """
+    from jee1.quality import compare
+
+    from .engine import Engine
+    from .eval import report
+    from .eval.runner import EvalConfig, evaluate, read_records
+
+    try:
+        if text_file and not reference:
+            raise InputError("--text needs --reference (the F16 to compare against)")
+        if not tasks and not (reference and text_file):
+            raise InputError("nothing to do: give --task, or --reference with --text")
+        missing = {t for t, _ in tasks} - {t for t, _ in fewshot} if k else set()
+        if missing:
+            raise InputError(f"{k}-shot needs --fewshot files for: {', '.join(sorted(missing))}")
+        config = EvalConfig(list(tasks), out_dir, mode, style, dict(fewshot), k, seed, strict, limit,
+                            quiet=ctx.obj["quiet"] or as_json)
+        runs, records = [], []
+        for label, path in ([("reference", reference)] if reference and tasks else []) + ([("model", model_file)] if tasks else []):
+            settings = load_settings(ctx, **(engine_opts | {"model": path}))
+            settings.data["safety"]["pre_model"] = pre_model_safety
+            with Engine(settings) as engine:
+                runs.append(evaluate(engine, config, label))
+            records.append(read_records(out_dir / f"{label}.records.jsonl"))
+        comparison = report.paired(records[0], records[1]) if len(records) == 2 else None
+        divergence = None
+        if reference and text_file:
+            try:
+                text = text_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise InputError(f"{text_file}: cannot read the text ({e})") from None
+            divergence = compare(reference, model_file, text, n_ctx=engine_opts.get("n_ctx") or 512,
+                                 threads=engine_opts.get("threads") or 2).as_json()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results = report.write(out_dir, runs, comparison, divergence)
+    except Jee1Error as e:
+        _fail(e)
+    if as_json:
+        click.echo(json.dumps(results, indent=2, ensure_ascii=False))
+    else:
+        click.echo((out_dir / "report.md").read_text())
+        click.echo(f"results: {out_dir / 'results.json'}")

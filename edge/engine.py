@@ -83,9 +83,10 @@ class Answer:
 
 
 class _Job:
-    def __init__(self, question: str, max_tokens: int, deadline_s: float, stop: list[str]):
+    def __init__(self, question: str, max_tokens: int, deadline_s: float, stop: list[str], prompt: str | None = None):
         self.id = uuid.uuid4().hex[:12]
         self.question = question
+        self.prompt = prompt      # a complete prompt instead of the chat template (evaluation)
         self.max_tokens = max_tokens
         self.deadline_s = deadline_s
         self.stop = stop
@@ -253,14 +254,16 @@ class Engine:
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, question: str, max_tokens: int | None = None, deadline_s: float | None = None,
-               stop: list[str] | None = None) -> Request:
+               stop: list[str] | None = None, prompt: str | None = None) -> Request:
+        """Queue a question.  ``prompt`` replaces the chat-template prompt with a complete one (jee1 eval's
+        harness layout); the safety screen still sees ``question``."""
         if self._closed:
             raise Jee1Error("the engine is shut down")
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
         ans = self.settings["answer"]
         job = _Job(question, max_tokens or ans["max_tokens"], deadline_s or ans["deadline_s"],
-                   ans["stop"] if stop is None else stop)
+                   ans["stop"] if stop is None else stop, prompt)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -305,7 +308,8 @@ class Engine:
         return answer
 
     def _generate(self, job: _Job, decision: Decision, started: float) -> Answer:
-        prompt = self._tokenize(self.layout.build(job.question), bos=True)
+        text = job.prompt if job.prompt is not None else self.layout.build(job.question)
+        prompt = self._tokenize(text, bos=True)
         budget = self.llama.n_ctx() - len(prompt)
         if budget < 1:
             raise InputError(f"the question is too long: {len(prompt)} prompt tokens, context is {self.llama.n_ctx()}")

@@ -1,0 +1,266 @@
+"""jee1 eval on the tiny model: task files in every format (with malformed rows), the scoring math
+against llama.cpp's own logits, the KL gate, resume, reports."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from conftest import engine_settings, run_convert
+from jee1.edge.cli import main as jee1_cli
+from jee1.edge.engine import Engine
+from jee1.edge.eval.prompting import PromptStyle, pick_shots
+from jee1.edge.eval.runner import EvalConfig, read_records, evaluate
+from jee1.edge.eval.scoring import LoglikScorer, log_softmax, parse_answer
+from jee1.edge.eval.stats import mcnemar_exact, wilson_interval
+from jee1.edge.eval.tasks import read_task
+from jee1.errors import InputError
+from jee1.llama_backend import load_llama
+from jee1.quality import compare
+
+REPO = Path(__file__).resolve().parents[1]
+MEDQA = [
+    ("Which enzyme does aspirin inhibit?", ["Cyclooxygenase", "Lipase", "Amylase", "Trypsin"], "A"),
+    ("What is the antidote for heparin?", ["Vitamin K", "Protamine sulfate", "Naloxone", "Flumazenil"], "B"),
+    ("First-line treatment for anaphylaxis?", ["Antihistamine", "Steroid", "Intramuscular adrenaline", "Salbutamol"], "C"),
+    ("Which vitamin deficiency causes scurvy?", ["Vitamin A", "Vitamin B12", "Vitamin D", "Vitamin C"], "D"),
+    ("Which drug reverses opioid overdose?", ["Naloxone", "Atropine", "Glucagon", "Digoxin"], "A"),
+    ("What lowers serum urate long term in gout?", ["Colchicine", "Allopurinol", "Ibuprofen", "Prednisolone"], "B"),
+]
+
+
+def write_medqa(path, rows, bad=True):
+    with open(path, "w") as f:
+        for q, opts, ans in rows:
+            f.write(json.dumps({"question": q, "options": dict(zip("ABCD", opts)), "answer_idx": ans}) + "\n")
+        if bad:
+            f.write('{"question": "three options only", "options": {"A": "x", "B": "y", "D": "z"}, "answer_idx": "A"}\n')
+            f.write("this line is not json\n")
+            f.write(json.dumps({"question": "bad answer", "options": dict(zip("ABCD", "wxyz")), "answer_idx": "E"}) + "\n")
+    return path
+
+
+def write_pubmedqa(path):
+    data = {"101": {"QUESTION": "Does metformin lower HbA1c?", "CONTEXTS": ["Metformin lowers hepatic glucose output."],
+                    "final_decision": "yes"},
+            "102": {"QUESTION": "Is aspirin an antibiotic?", "CONTEXTS": ["Aspirin inhibits cyclooxygenase."],
+                    "final_decision": "no"},
+            "103": {"QUESTION": "Does coffee cure gout?", "CONTEXTS": ["Evidence is mixed."], "final_decision": "maybe"},
+            "104": {"QUESTION": "Broken", "CONTEXTS": "not a list", "final_decision": "yes"}}
+    path.write_text(json.dumps(data))
+    return path
+
+
+def write_usmle(path):
+    with open(path, "w") as f:
+        f.write(json.dumps({"id": "s1-1", "step": 1, "question": "Which organ makes insulin?",
+                            "options": {"A": "Liver", "B": "Pancreas", "C": "Kidney", "D": "Spleen", "E": "Lung"},
+                            "answer": "B"}) + "\n")
+        f.write(json.dumps({"id": "s2-1", "step": 2, "question": "Which drug is first-line in type 2 diabetes?",
+                            "options": {"A": "Metformin", "B": "Insulin", "C": "Sulfonylurea"}, "answer": "A"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tasks")
+    return {"medqa": write_medqa(d / "medqa.jsonl", MEDQA), "pubmedqa": write_pubmedqa(d / "pubmedqa.json"),
+            "usmle": write_usmle(d / "usmle.jsonl"), "shots": write_medqa(d / "shots.jsonl", MEDQA[::-1], bad=False)}
+
+
+def test_readers_report_malformed_rows_with_their_place(files):
+    medqa = read_task("medqa", files["medqa"], strict=False)
+    assert len(medqa.items) == 6 and len(medqa.bad_rows) == 3
+    assert [row.split(": ")[0].rsplit(":", 1)[1] for row in medqa.bad_rows] == ["7", "8", "9"]
+    assert "lettered A.. without gaps" in medqa.bad_rows[0] and "'answer_idx' is 'E'" in medqa.bad_rows[2]
+    pubmed = read_task("pubmedqa", files["pubmedqa"], strict=False)
+    assert len(pubmed.items) == 3 and "PMID 104" in pubmed.bad_rows[0]
+    usmle = read_task("usmle", files["usmle"], strict=False)
+    assert [i.labels for i in usmle.items] == [tuple("ABCDE"), tuple("ABC")] and usmle.items[0].id == "s1-1"
+    with pytest.raises(InputError, match="3 malformed row"):
+        read_task("medqa", files["medqa"], strict=True)
+
+
+def test_harness_layouts_match_lm_evaluation_harness(files):
+    item = read_task("medqa", files["medqa"], strict=False).items[0]
+    prompt = PromptStyle("harness").build(item, [])
+    assert prompt.context == ("Question: Which enzyme does aspirin inhibit?\nA. Cyclooxygenase\nB. Lipase\n"
+                              "C. Amylase\nD. Trypsin\nAnswer:")
+    assert prompt.continuations == (" A", " B", " C", " D")
+    pub = read_task("pubmedqa", files["pubmedqa"], strict=False).items[0]
+    p = PromptStyle("harness").build(pub, [])
+    assert p.context == "Abstract: Metformin lowers hepatic glucose output.\nQuestion: Does metformin lower HbA1c?\nAnswer:"
+    assert p.continuations == (" yes", " no", " maybe")
+
+
+def test_fewshot_is_seeded_and_excludes_the_question(files):
+    pool = read_task("medqa", files["shots"], strict=False).items
+    a = pick_shots(pool, 3, seed=7, exclude_id="x")
+    assert a == pick_shots(pool, 3, seed=7, exclude_id="x") and len(a) == 3
+    assert all(s.id != pool[0].id for s in pick_shots(pool, 3, seed=7, exclude_id=pool[0].id))
+    with pytest.raises(InputError, match="needs 9 examples"):
+        pick_shots(pool, 9, seed=7, exclude_id="x")
+
+
+@pytest.fixture(scope="module")
+def eval_engine(tmp_path_factory, q4_merged):
+    workdir = tmp_path_factory.mktemp("eval-engine")
+    eng = Engine(engine_settings(q4_merged.output, workdir, safety={"pre_model": False}))
+    yield eng
+    eng.close()
+
+
+def test_loglik_equals_a_direct_computation_from_llama_cpp_logits(eval_engine, files, q4_merged):
+    items = read_task("medqa", files["medqa"], strict=False).items[:3]
+    style = PromptStyle("harness")
+    scorer = LoglikScorer(eval_engine.llama)
+    direct = load_llama(q4_merged.output, n_ctx=1024, n_threads=2, logits_all=True, seed=0)
+    try:
+        for item in items:
+            prompt = style.build(item, [])
+            with eval_engine._lock:
+                scored = scorer.score(prompt, item)
+            for label, continuation, ours in zip(item.labels, prompt.continuations, scored.logprobs, strict=True):
+                context = direct.tokenize(prompt.context.encode(), add_bos=True, special=False)
+                cont = scorer.continuation_tokens(context, prompt.context, continuation)
+                direct.reset()
+                direct._ctx.kv_cache_seq_rm(-1, 0, -1)
+                direct.eval(context + cont)
+                logits = np.asarray(direct.scores[:len(context) + len(cont)], dtype=np.float64)
+                expected = sum(log_softmax(logits[len(context) - 1 + j])[t] for j, t in enumerate(cont))
+                assert ours == pytest.approx(expected, abs=2e-3), (item.id, label)
+            assert scored.predicted == item.labels[int(np.argmax(scored.logprobs))]
+    finally:
+        direct.close()
+
+
+def test_shared_prompt_cache_changes_nothing_but_speed(eval_engine, files):
+    items = read_task("pubmedqa", files["pubmedqa"], strict=False).items
+    style = PromptStyle("harness")
+    with eval_engine._lock:
+        cached = [LoglikScorer(eval_engine.llama, reuse_cache=True).score(style.build(i, []), i).logprobs for i in items]
+        fresh = [LoglikScorer(eval_engine.llama, reuse_cache=False).score(style.build(i, []), i).logprobs for i in items]
+    np.testing.assert_allclose(cached, fresh, atol=2e-3)
+
+
+@pytest.mark.parametrize("text,expected", [("C", "C"), (" C. Amylase", "C"), ("(B) Lipase", "B"),
+                                           ("The answer is D", "D"), ("c", "C"), ("Cyclooxygenase", None),
+                                           ("E", None), ("", None), ("I think A", None)])
+def test_generated_answers_are_parsed_strictly(files, text, expected):
+    item = read_task("medqa", files["medqa"], strict=False).items[0]
+    assert parse_answer(text, item) == expected
+
+
+def test_generated_decisions_are_parsed_strictly(files):
+    item = read_task("pubmedqa", files["pubmedqa"], strict=False).items[0]
+    assert [parse_answer(t, item) for t in ["Yes, it does.", "maybe", "Probably yes", "no."]] == ["yes", "maybe", None, "no"]
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(jee1_cli, ["-q", "eval", *map(str, args)])
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def common(tmp_path, model):
+    return [model, "--cache-dir", tmp_path / "cache", "--audit-log", tmp_path / "audit.jsonl", "--ctx", "1024"]
+
+
+def test_eval_cli_writes_results_report_plot_and_says_safety_was_off(tmp_path, files, q4_merged):
+    out = tmp_path / "out"
+    run_cli(*common(tmp_path, q4_merged.output), "--task", "medqa", files["medqa"], "--task", "pubmedqa",
+            files["pubmedqa"], "--task", "usmle", files["usmle"], "--fewshot", "medqa", files["shots"],
+            "--fewshot", "pubmedqa", files["pubmedqa"], "--fewshot", "usmle", files["usmle"], "-k", "1", "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    run = results["runs"][0]
+    assert run["pre_model_safety"] is False and run["k_shot"] == 1 and run["mode"] == "loglik"
+    medqa = run["tasks"]["medqa"]
+    assert medqa["n"] == 6 and len(medqa["malformed_rows"]) == 3 and 0 <= medqa["acc"] <= 1
+    assert medqa["acc_ci95"][0] <= medqa["acc"] <= medqa["acc_ci95"][1] and "acc_norm" in medqa
+    assert medqa["prompt_example"].count("Question:") == 2          # one shot + the question, saved
+    report = (out / "report.md").read_text()
+    assert "Clinical Camel-70B (published, five-shot) | 60.7 | 77.9 | 64.3" in report
+    assert "short-circuit was OFF" in report
+    assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_generate_mode_counts_unparseable(tmp_path, files, q4_merged):
+    out = tmp_path / "out"
+    run_cli(*common(tmp_path, q4_merged.output), "--task", "medqa", files["medqa"], "--mode", "generate", "--out", out)
+    medqa = json.loads((out / "results.json").read_text())["runs"][0]["tasks"]["medqa"]
+    records = [json.loads(line) for line in (out / "model.records.jsonl").read_text().splitlines()]
+    assert medqa["unparseable"] == sum(r["predicted"] is None for r in records) and len(records) == 6
+    assert all(r["correct"] is False for r in records if r["predicted"] is None)
+
+
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, files, eval_engine):
+    config = EvalConfig([("medqa", files["medqa"]), ("pubmedqa", files["pubmedqa"])], tmp_path / "full", quiet=True)
+    full = evaluate(eval_engine, config, "model")
+    partial_dir = tmp_path / "partial"
+    partial_dir.mkdir()
+    lines = (tmp_path / "full" / "model.records.jsonl").read_text().splitlines(keepends=True)
+    (partial_dir / "model.records.jsonl").write_text("".join(lines[:4]) + lines[4][:17])  # cut mid-record
+    resumed = evaluate(eval_engine, EvalConfig(config.tasks, partial_dir, quiet=True), "model")
+    for task in ("medqa", "pubmedqa"):
+        a, b = full["tasks"][task], resumed["tasks"][task]
+        assert (a["correct"], a["acc"], a["correct_norm"]) == (b["correct"], b["acc"], b["correct_norm"])
+    assert read_records(partial_dir / "model.records.jsonl").keys() == read_records(tmp_path / "full" / "model.records.jsonl").keys()
+
+
+def test_kl_of_a_model_against_itself_is_zero_and_against_a_quantized_copy_positive(tmp_path, f16_merged, q4_merged):
+    text = (REPO / "convert" / "data" / "medical_corpus.txt").read_text()
+    same = compare(f16_merged.output, f16_merged.output, text)
+    assert same.kl_max < 1e-6 and same.top1_agreement == 1.0 and same.ppl_reference == pytest.approx(same.ppl_candidate)
+    q4 = compare(f16_merged.output, q4_merged.output, text)
+    assert q4.kl_mean > 0.01 and q4.top1_agreement < 1.0 and q4.tokens_scored == same.tokens_scored > 1000
+    assert q4.kl_median <= q4.kl_p99 <= q4.kl_max
+
+
+def test_eval_cli_kl_and_paired_comparison(tmp_path, files, f16_merged, q4_merged):
+    out = tmp_path / "out"
+    text = tmp_path / "text.txt"
+    shutil.copy(REPO / "convert" / "data" / "medical_corpus.txt", text)
+    run_cli(*common(tmp_path, q4_merged.output), "--reference", f16_merged.output, "--text", text,
+            "--task", "medqa", files["medqa"], "--out", out)
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["reference", "model"]
+    paired = results["paired"]["medqa"]
+    assert paired["n"] == 6 and 0 <= paired["mcnemar_p"] <= 1
+    assert results["kl"]["kl_mean"] > 0 and "McNemar" in (out / "report.md").read_text()
+
+
+def test_eval_cli_errors():
+    runner = CliRunner()
+    assert runner.invoke(jee1_cli, ["eval", "m.gguf"]).exit_code == 1
+    result = runner.invoke(jee1_cli, ["eval", "m.gguf", "--text", "t.txt"])
+    assert result.exit_code == 1 and "--text needs --reference" in result.output
+
+
+def test_stats():
+    low, high = wilson_interval(60, 100)
+    assert low == pytest.approx(0.502, abs=1e-3) and high == pytest.approx(0.691, abs=1e-3)
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert mcnemar_exact(0, 0) == 1.0
+    assert mcnemar_exact(1, 9) == pytest.approx(0.021484375)
+
+
+def test_published_figures_ship_with_the_package():
+    packaged = REPO / "edge" / "eval" / "data" / "published_results.json"
+    assert json.loads(packaged.read_text()) == json.loads((REPO / "docs" / "published_results.json").read_text())
+
+
+def test_convert_quality_gate_passes_q8_and_records_it(tmp_path, tiny_base, tiny_adapter):
+    result = run_convert(tiny_base, tmp_path / "q8.gguf", "Q8_0", tiny_adapter, verify_against_f16=True)
+    gate = result.manifest_data["quality_gate"]
+    assert gate["kl_mean"] < 0.01 and gate["top1_agreement"] > 0.9 and gate["max_kl_mean"] == 0.10
+
+
+def test_convert_quality_gate_fails_and_keeps_nothing(tmp_path, tiny_base, tiny_adapter):
+    from jee1.errors import VerificationError
+
+    with pytest.raises(VerificationError, match="fails the quality gate"):
+        run_convert(tiny_base, tmp_path / "q4.gguf", "Q4_K_M", tiny_adapter, verify_against_f16=True, max_kl=0.05)
+    assert list(tmp_path.iterdir()) == []
