@@ -76,23 +76,21 @@ def plot(runs: list[dict], path: Path) -> None:
     tasks = [t for t in pub["columns"] if any(t in r["tasks"] for r in runs)]
     fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
-        names, values, low, high = [], [], [], []
+        bars = []  # (name, accuracy %, lower error, upper error, colour)
         for run in runs:
             r = run["tasks"].get(task)
             if r:
-                names.append(f"{run['file']}\n{run['model']}")
-                values.append(100 * r["acc"])
-                low.append(100 * (r["acc"] - r["acc_ci95"][0]))
-                high.append(100 * (r["acc_ci95"][1] - r["acc"]))
-        for row in pub["models"]:
-            if row[task] is not None:
-                names.append(f"{row['model']}\n(published)")
-                values.append(row[task])
-                low.append(0)
-                high.append(0)
-        ax.bar(range(len(values)), values, yerr=[low, high], capsize=4,
-               color=["#1f77b4"] * (len(values) - len(pub["models"])) + ["#bbbbbb"] * len(pub["models"]))
-        ax.set_xticks(range(len(values)), names, fontsize=7)
+                bars.append((f"{run['file']}\n{run['model']}", 100 * r["acc"], 100 * (r["acc"] - r["acc_ci95"][0]),
+                             100 * (r["acc_ci95"][1] - r["acc"]), "#1f77b4"))
+        bars += [(f"{row['model']}\n(published)", row[task], 0.0, 0.0, "#bbbbbb")
+                 for row in pub["models"] if row[task] is not None]
+        names, values, low, high, colours = zip(*bars, strict=True)
+        x = range(len(bars))
+        ax.bar(x, values, color=colours)
+        measured = [i for i, (_, _, lo, hi, _) in enumerate(bars) if lo or hi]
+        ax.errorbar(measured, [values[i] for i in measured], yerr=[[low[i] for i in measured], [high[i] for i in measured]],
+                    fmt="none", ecolor="black", capsize=4)
+        ax.set_xticks(list(x), names, fontsize=7, rotation=30, ha="right")
         ax.set_ylim(0, 100)
         ax.set_title(TASK_NAMES[task])
         ax.set_ylabel("accuracy (%), 95% CI")
