@@ -243,20 +243,77 @@ def status(ctx, as_json, **engine_opts):
 
 @main.command(epilog=EPILOG)
 @engine_options
+@click.option("--ui-port", "ui_ports", multiple=True, metavar="URL",
+              help="Serial line to the UI firmware: a device (/dev/ttyS1) or a pyserial URL (loop://, "
+                   "socket://host:port). Reopened with backoff when it disappears. Repeatable.")
+@click.option("--baud", "baudrate", type=int, default=115200, show_default=True, help="Baud rate of the serial ports.")
+@click.option("--ipc", metavar="PATH", help="Unix socket for a UI on the same machine (mode 0660), e.g. /run/jee1/ui.sock.")
+@click.option("--console-port", metavar="URL", help="Serial port of the technician console.")
+@click.option("--console-secret", metavar="FILE", default="/etc/jee1/service.key", show_default=True,
+              help="The device's service secret for console logins.")
 @click.pass_context
-def serve(ctx, **engine_opts):
+def serve(ctx, ui_ports, baudrate, ipc, console_port, console_secret, **engine_opts):
     """Run the engine as a long-lived service until SIGTERM or Ctrl-C.
 
-    Loads and verifies the model once, restores the warm prompt prefix, and keeps a status file
-    (``cache.dir``/status.json) current for `jee1 status`.  The firmware bridge attaches its serial
-    and IPC front ends to this engine.
+    Loads and verifies the model once, restores the warm prompt prefix, serves the UI link
+    (docs/protocol.md) on --ui-port and --ipc, the technician console on --console-port, and keeps a
+    status file (``cache.dir``/status.json) current for `jee1 status`.
     """
     from .service import run_service
 
     try:
-        run_service(load_settings(ctx, **engine_opts), quiet=ctx.obj["quiet"])
+        run_service(load_settings(ctx, **engine_opts), quiet=ctx.obj["quiet"], ui_ports=ui_ports,
+                    baudrate=baudrate, ipc=ipc, console_port=console_port, console_secret=console_secret)
     except Jee1Error as e:
         _fail(e)
+
+
+@main.command("ui-sim", epilog=EPILOG)
+@click.option("--port", required=True, metavar="URL",
+              help="The bridge: unix:///run/jee1/ui.sock, a serial device, or a pyserial URL.")
+@click.option("--baud", "baudrate", type=int, default=115200, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=0, max=65535), default=0, help="0: the device default.")
+@click.option("--status", "want_status", is_flag=True, help="Ask for the engine status instead of a question.")
+@click.option("--json", "as_json", is_flag=True, help="Print the reply and link figures as JSON.")
+@click.argument("question", required=False)
+def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
+    """Reference UI client: HELLO, QUERY, stream the answer (RESEND on gaps, ACKs), DONE.
+
+    What the UI firmware does, in Python: for tests, demos and technicians checking a link.
+    """
+    import socket
+
+    from jee1.firmware_bridge.transports import SerialTransport, SocketTransport, TransportClosed, unix_path
+    from jee1.firmware_bridge.ui_sim import LinkError, UIClient
+
+    if not want_status and not question:
+        raise click.UsageError("give a QUESTION, or --status")
+    try:
+        path = unix_path(port)
+        if path:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(path)
+            except OSError as e:
+                raise TransportClosed(f"{path}: {e.strerror}") from None
+            transport = SocketTransport(sock, port)
+        else:
+            transport = SerialTransport(port, baudrate)
+        client = UIClient(transport)
+        client.hello()
+        if want_status:
+            click.echo(json.dumps(client.status(), indent=2))
+            return
+        reply = client.ask(question, max_tokens, on_text=None if as_json else (lambda t: click.echo(t, nl=False)))
+    except (TransportClosed, LinkError, TimeoutError) as e:
+        click.echo(f"jee1: error: {e}", err=True)
+        sys.exit(3)
+    if as_json:
+        click.echo(json.dumps({"text": reply.text, "reason": reply.reason.name.lower(), "tokens": reply.tokens,
+                               "replaced": reply.replaced, "resends": reply.resends, "bad_frames": reply.bad_frames},
+                              indent=2, ensure_ascii=False))
+    else:
+        click.echo(f"\n[{reply.reason.name.lower()}, {reply.tokens} tokens, {reply.resends} resends]")
 
 
 @main.command("safety-check", epilog=EPILOG)
@@ -402,3 +459,17 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
     else:
         click.echo((out_dir / "report.md").read_text())
         click.echo(f"results: {out_dir / 'results.json'}")
+
+
+@main.command("service-response", epilog=EPILOG)
+@click.option("--secret", "secret_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="The device's service secret (kept on the technician's laptop).")
+@click.argument("challenge")
+def service_response(secret_path, challenge):
+    """Compute the technician console's login response to CHALLENGE: HMAC-SHA256(secret, challenge), hex."""
+    from jee1.firmware_bridge.console import load_secret, response_for
+
+    try:
+        click.echo(response_for(load_secret(secret_path), challenge))
+    except Jee1Error as e:
+        _fail(e)

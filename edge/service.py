@@ -33,7 +33,8 @@ def read_status(settings) -> dict | None:
 
 
 def run_service(settings, quiet: bool = False, ready: threading.Event | None = None,
-                stop: threading.Event | None = None) -> None:
+                stop: threading.Event | None = None, ui_ports: tuple[str, ...] = (), baudrate: int = 115200,
+                ipc: str | None = None, console_port: str | None = None, console_secret: str | None = None) -> None:
     from .cli import open_engine
 
     stop = stop or threading.Event()
@@ -42,6 +43,17 @@ def run_service(settings, quiet: bool = False, ready: threading.Event | None = N
             signal.signal(sig, lambda *_: stop.set())
     path = status_path(settings)
     with open_engine(settings, quiet) as engine:
+        from jee1.firmware_bridge.bridge import BridgeService
+
+        bridge = BridgeService(engine, stop)
+        for port in ui_ports:
+            bridge.start_serial(port, baudrate)
+        if ipc:
+            bridge.start_unix(ipc)
+        if console_port:
+            from jee1.firmware_bridge.console import start_console
+
+            start_console(bridge, console_port, baudrate, console_secret, settings)
         log.info("jee1 serve: ready (pid %d)", os.getpid())
         if ready:
             ready.set()
@@ -51,5 +63,7 @@ def run_service(settings, quiet: bool = False, ready: threading.Event | None = N
                 if stop.wait(STATUS_EVERY_S):
                     break
         finally:
+            stop.set()
+            bridge.join()
             path.unlink(missing_ok=True)
     log.info("jee1 serve: stopped")

@@ -82,3 +82,8 @@ PAYLOADS: dict[MsgType, tuple[struct.Struct, tuple[str, ...], bool]] = {
     MsgType.STATUS_REQUEST: (struct.Struct("<"), (), False),
     MsgType.STATUS: (struct.Struct("<"), (), True),
 }
+
+MAX_QUESTION_BYTES = 8192                # a reassembled QUERY's text
+ANSWER_BUFFER_BYTES = 64 * 1024          # answers kept for RESEND, all requests of a connection
+MAX_IN_FLIGHT = 8                        # requests per connection
+HEARTBEAT_S = 5.0                        # PING an idle link this often

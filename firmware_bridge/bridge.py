@@ -1,0 +1,326 @@
+"""The bridge: UI connections (serial line, Unix socket) <-> the engine, per docs/protocol.md.
+
+A ``Session`` serves one connection: it decodes frames, reassembles questions, submits them to the
+engine, and streams each answer as CHUNK frames within the UI's window, keeping the answer for
+RESEND until the UI's final ACK.  Several requests may be in flight; a bad frame only ever costs
+that frame.  ``BridgeService`` keeps a serial port open across unplug/replug (with backoff) and
+accepts Unix-socket clients, without ever restarting the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from jee1.errors import Jee1Error
+
+from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
+from .protocol import (ANSWER_BUFFER_BYTES, DEFAULT_WINDOW, HEARTBEAT_S, MAX_IN_FLIGHT, MAX_PAYLOAD,
+                       MAX_QUESTION_BYTES, MIN_VERSION, PROTOCOL_VERSION, DoneReason, ErrorCode, Flags, MsgType)
+from .transports import SerialTransport, TransportClosed, UnixListener
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = {"complete": DoneReason.COMPLETE, "truncated": DoneReason.TRUNCATED,
+                  "cancelled": DoneReason.CANCELLED, "safety": DoneReason.SAFETY, "error": DoneReason.ERROR}
+
+
+@dataclass
+class Outgoing:
+    request_id: int
+    request: object = None            # the engine's Request
+    data: bytearray = field(default_factory=bytearray)
+    sent: int = 0
+    acked: int = 0
+    done: dict | None = None          # DONE fields once the engine finished
+    done_sent: bool = False
+    finished_at: float = 0.0
+
+
+class Session:
+    def __init__(self, transport, engine, name: str | None = None):
+        self.transport = transport
+        self.engine = engine
+        self.name = name or transport.name
+        self.decoder = Decoder()
+        self.lock = threading.RLock()
+        self.seq = 0
+        self.ready = False
+        self.max_payload = MAX_PAYLOAD
+        self.window = DEFAULT_WINDOW
+        self.answers: OrderedDict[int, Outgoing] = OrderedDict()
+        self.dropped: set[int] = set()
+        self.questions: dict[int, tuple[bytearray, int]] = {}
+        self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
+                      "answers_dropped": 0}
+        self.last_sent = time.monotonic()
+        self.closed = threading.Event()
+
+    # -- output ---------------------------------------------------------------------------------
+
+    def send(self, frame: Frame) -> None:
+        with self.lock:
+            frame.seq = self.seq
+            self.seq = (self.seq + 1) & 0xFFFF
+            self.transport.write(frame.encode())
+            self.stats["frames_out"] += 1
+            self.last_sent = time.monotonic()
+
+    def error(self, code: ErrorCode, text: str, request_id: int = 0) -> None:
+        self.send(Frame(MsgType.ERROR, request_id, pack(MsgType.ERROR, text[:200], code=int(code))))
+
+    def pump(self, out: Outgoing) -> None:
+        """Send what the window allows of one answer, then DONE when all of it has gone out."""
+        with self.lock:
+            limit = self.max_payload - 4
+            while out.sent < len(out.data) and out.sent - out.acked < self.window:
+                end = min(len(out.data), out.sent + limit, out.acked + self.window)
+                while end < len(out.data) and (out.data[end] & 0xC0) == 0x80:
+                    end -= 1  # never inside a UTF-8 character
+                if end <= out.sent:
+                    break
+                piece = bytes(out.data[out.sent:end])
+                self.send(Frame(MsgType.CHUNK, out.request_id, pack(MsgType.CHUNK, piece, offset=out.sent)))
+                out.sent = end
+            if out.done is not None and not out.done_sent and out.sent == len(out.data):
+                self.send(Frame(MsgType.DONE, out.request_id, pack(MsgType.DONE, **out.done)))
+                out.done_sent = True
+                out.finished_at = time.monotonic()
+            self._enforce_budget()
+
+    def _enforce_budget(self) -> None:
+        total = sum(len(o.data) for o in self.answers.values())
+        for rid, out in list(self.answers.items()):
+            if total <= ANSWER_BUFFER_BYTES:
+                break
+            if out.done_sent:  # oldest finished answers go first
+                total -= len(out.data)
+                del self.answers[rid]
+                self.dropped.add(rid)
+                self.stats["answers_dropped"] += 1
+                log.warning("%s: answer %d dropped unacknowledged (buffer over %d bytes)", self.name, rid,
+                            ANSWER_BUFFER_BYTES)
+
+    # -- input ----------------------------------------------------------------------------------
+
+    def handle_bytes(self, data: bytes) -> None:
+        for item in self.decoder.feed(data):
+            if isinstance(item, FrameError):
+                self.stats["bad_frames"] += 1
+                log.info("%s: bad frame: %s", self.name, item)
+                self.error(item.code, str(item), item.request_id)
+                continue
+            self.stats["frames_in"] += 1
+            try:
+                self.handle(item)
+            except FrameError as e:
+                self.stats["bad_frames"] += 1
+                self.error(e.code, str(e), e.request_id)
+
+    def handle(self, frame: Frame) -> None:
+        fields, text = unpack(frame)
+        mtype = MsgType(frame.type)
+        if mtype == MsgType.HELLO:
+            return self._hello(fields, text)
+        if mtype == MsgType.PING:
+            return self.send(Frame(MsgType.PONG, 0, pack(MsgType.PONG, nonce=fields["nonce"])))
+        if mtype == MsgType.PONG:
+            return None
+        if not self.ready:
+            return self.error(ErrorCode.NOT_READY, "send HELLO first", frame.request_id)
+        handler = {MsgType.QUERY: self._query, MsgType.CANCEL: self._cancel, MsgType.RESEND: self._resend,
+                   MsgType.ACK: self._ack, MsgType.STATUS_REQUEST: self._status}.get(mtype)
+        if handler is None:
+            return self.error(ErrorCode.UNKNOWN_TYPE, f"{mtype.name} is not sent to the bridge", frame.request_id)
+        return handler(frame, fields, text)
+
+    def _hello(self, fields: dict, name: str) -> None:
+        version = min(PROTOCOL_VERSION, fields["max_version"])
+        if version < max(MIN_VERSION, fields["min_version"]):
+            self.ready = False
+            return self.error(ErrorCode.VERSION_MISMATCH, f"bridge speaks {MIN_VERSION}..{PROTOCOL_VERSION}, "
+                              f"peer {fields['min_version']}..{fields['max_version']}")
+        self.max_payload = max(64, min(MAX_PAYLOAD, fields["max_payload"]))
+        self.window = max(self.max_payload, fields["window"] or DEFAULT_WINDOW)
+        self.ready = True
+        log.info("%s: HELLO from %r, version %d, max_payload %d, window %d", self.name, name, version,
+                 self.max_payload, self.window)
+        self.send(Frame(MsgType.HELLO, 0, pack(MsgType.HELLO, "jee1-bridge", min_version=MIN_VERSION,
+                                               max_version=PROTOCOL_VERSION, max_payload=self.max_payload,
+                                               window=self.window)))
+
+    def _query(self, frame: Frame, fields: dict, text: str) -> None:
+        rid = frame.request_id
+        if rid == 0:
+            raise FrameError(ErrorCode.BAD_PAYLOAD, "QUERY needs a non-zero request_id")
+        if rid in self.answers and rid not in self.questions:
+            return self.error(ErrorCode.DUPLICATE_REQUEST, f"request {rid} is in flight", rid)
+        buffer, _ = self.questions.setdefault(rid, (bytearray(), fields["max_tokens"]))
+        buffer += text.encode()
+        if len(buffer) > MAX_QUESTION_BYTES:
+            del self.questions[rid]
+            return self.error(ErrorCode.OVERSIZE, f"question over {MAX_QUESTION_BYTES} bytes", rid)
+        if frame.flags & Flags.MORE:
+            return None
+        del self.questions[rid]
+        in_flight = sum(1 for o in self.answers.values() if not o.done_sent)
+        if in_flight >= MAX_IN_FLIGHT:
+            return self.error(ErrorCode.BUSY, f"{MAX_IN_FLIGHT} requests already in flight on this link", rid)
+        self.stats["queries"] += 1
+        try:
+            request = self.engine.submit(buffer.decode(), max_tokens=fields["max_tokens"] or None)
+        except Jee1Error as e:
+            self.stats["busy"] += "busy" in str(e)
+            return self.error(ErrorCode.BUSY if "busy" in str(e) else ErrorCode.ENGINE_ERROR, str(e), rid)
+        out = Outgoing(rid, request)
+        self.answers[rid] = out
+        self.dropped.discard(rid)
+        threading.Thread(target=self._produce, args=(out,), name=f"bridge-{rid}", daemon=True).start()
+
+    def _produce(self, out: Outgoing) -> None:
+        try:
+            for text in out.request:
+                with self.lock:
+                    out.data += text.encode()
+                    self.pump(out)
+            answer = out.request.answer
+            with self.lock:
+                if answer.finish_reason == "error":
+                    self.error(ErrorCode.ENGINE_ERROR, answer.error or "engine error", out.request_id)
+                out.done = {"reason": int(FINISH_REASONS[answer.finish_reason]), "flags": int(answer.replaced),
+                            "total_bytes": len(out.data), "tokens": min(answer.completion_tokens, 0xFFFF),
+                            "answer_crc32": crc32(bytes(out.data))}
+                self.pump(out)
+        except TransportClosed:
+            out.request.cancel()
+
+    def _lookup(self, rid: int) -> Outgoing | None:
+        out = self.answers.get(rid)
+        if out is None:
+            code = ErrorCode.ANSWER_DROPPED if rid in self.dropped else ErrorCode.UNKNOWN_REQUEST
+            self.error(code, f"no answer kept for request {rid}", rid)
+        return out
+
+    def _cancel(self, frame: Frame, fields: dict, text: str) -> None:
+        out = self._lookup(frame.request_id)
+        if out is not None:
+            out.request.cancel()
+
+    def _resend(self, frame: Frame, fields: dict, text: str) -> None:
+        out = self._lookup(frame.request_id)
+        if out is None:
+            return
+        with self.lock:
+            offset = min(fields["offset"], len(out.data))
+            while offset > 0 and offset < len(out.data) and (out.data[offset] & 0xC0) == 0x80:
+                offset -= 1
+            self.stats["resends"] += 1
+            out.sent = offset
+            out.acked = min(out.acked, offset)
+            out.done_sent = False
+            self.pump(out)
+
+    def _ack(self, frame: Frame, fields: dict, text: str) -> None:
+        out = self._lookup(frame.request_id)
+        if out is None:
+            return
+        with self.lock:
+            out.acked = max(out.acked, min(fields["offset"], out.sent))
+            if out.done_sent and out.acked == len(out.data):
+                del self.answers[out.request_id]   # delivered: nothing more to keep
+            else:
+                self.pump(out)
+
+    def _status(self, frame: Frame, fields: dict, text: str) -> None:
+        status = self.engine.status() | {"link": self.name, **{f"link_{k}": v for k, v in self.stats.items()}}
+        for part in fragments(MsgType.STATUS, 0, json.dumps(status, default=str), self.max_payload):
+            self.send(part)
+
+    # -- loop -----------------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        nonce = 0
+        try:
+            while not stop.is_set():
+                data = self.transport.read()
+                if data:
+                    self.handle_bytes(data)
+                elif time.monotonic() - self.last_sent > HEARTBEAT_S:
+                    nonce += 1
+                    self.send(Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=nonce)))
+        finally:
+            self.closed.set()
+            for out in list(self.answers.values()):
+                if out.request is not None and out.done is None:
+                    out.request.cancel()
+
+
+class BridgeService:
+    """Serial port(s) and a Unix socket in front of one engine; runs until ``stop`` is set."""
+
+    def __init__(self, engine, stop: threading.Event):
+        self.engine = engine
+        self.stop = stop
+        self.threads: list[threading.Thread] = []
+        self.sessions: list[Session] = []
+
+    def start_serial(self, url: str, baudrate: int) -> None:
+        self._spawn(self._serial_loop, url, baudrate, name=f"bridge-serial-{url}")
+
+    def start_unix(self, path: str) -> None:
+        listener = UnixListener(path)
+        self._spawn(self._accept_loop, listener, name=f"bridge-unix-{path}")
+
+    def _spawn(self, target, *args, name: str) -> None:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def _serial_loop(self, url: str, baudrate: int) -> None:
+        delay = 0.1
+        while not self.stop.is_set():
+            try:
+                transport = SerialTransport(url, baudrate)
+            except TransportClosed as e:
+                log.warning("UI port %s unavailable (%s); retrying in %.1f s", url, e, delay)
+                self.stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.1
+            log.info("UI port %s open at %d baud", url, baudrate)
+            session = Session(transport, self.engine)
+            self.sessions.append(session)
+            try:
+                session.run(self.stop)
+            except TransportClosed as e:
+                log.warning("UI port %s lost (%s); waiting for it to come back", url, e)
+            finally:
+                transport.close()
+
+    def _accept_loop(self, listener: UnixListener) -> None:
+        try:
+            while not self.stop.is_set():
+                transport = listener.accept()
+                if transport is None:
+                    continue
+                session = Session(transport, self.engine)
+                self.sessions.append(session)
+                self._spawn(self._client, session, name="bridge-unix-client")
+        finally:
+            listener.close()
+
+    def _client(self, session: Session) -> None:
+        try:
+            session.run(self.stop)
+        except TransportClosed:
+            log.info("%s: client disconnected", session.name)
+        finally:
+            session.transport.close()
+
+    def join(self, timeout: float = 5.0) -> None:
+        for thread in self.threads:
+            thread.join(timeout)

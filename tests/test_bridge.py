@@ -1,0 +1,322 @@
+"""The bridge over a real pseudo-terminal pair (set to a real baud rate) and a real Unix socket:
+conversation, cancel, resend after corruption, bad frames, oversize, unplug/replug, a flood against
+the busy limit; and the technician console."""
+
+import os
+import select
+import socket
+import stat
+import termios
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from conftest import engine_settings
+from jee1.edge.cli import main as jee1_cli
+from jee1.edge.engine import Engine
+from jee1.firmware_bridge.bridge import BridgeService
+from jee1.firmware_bridge.codec import Frame, cobs_encode, crc32, pack
+from jee1.firmware_bridge.console import Console, response_for
+from jee1.firmware_bridge.protocol import HEADER, DoneReason, ErrorCode, MsgType
+from jee1.firmware_bridge.transports import SocketTransport, UnixListener
+from jee1.firmware_bridge.ui_sim import LinkError, UIClient
+
+QUESTION = "What is the antidote for heparin?"
+
+
+class FdTransport:
+    """The UI's end of the pty (the master side)."""
+
+    def __init__(self, fd, corrupt_frame: int | None = None):
+        self.fd, self.name = fd, "pty-master"
+        self.corrupt_frame, self.frames_seen = corrupt_frame, 0
+
+    def read(self):
+        ready, _, _ = select.select([self.fd], [], [], 0.05)
+        if not ready:
+            return b""
+        data = bytearray(os.read(self.fd, 4096))
+        if self.corrupt_frame is not None:   # flip one byte inside the N-th frame from the bridge
+            for i, byte in enumerate(data):
+                if byte == 0:
+                    self.frames_seen += 1
+                elif self.frames_seen == self.corrupt_frame and i + 3 < len(data) and data[i + 3] != 0:
+                    data[i + 1] ^= 0x20
+                    self.corrupt_frame = None
+                    break
+        return bytes(data)
+
+    def write(self, data):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view):]
+
+
+@pytest.fixture(scope="module")
+def bridge_engine(tmp_path_factory, q4_merged):
+    workdir = tmp_path_factory.mktemp("bridge-engine")
+    eng = Engine(engine_settings(q4_merged.output, workdir, answer={"max_tokens": 48, "queue_size": 2}))
+    yield eng
+    eng.close()
+
+
+class Pty:
+    def __init__(self, link):
+        self.master, slave = os.openpty()
+        self.slave_path = os.ttyname(slave)
+        os.close(slave)
+        self.link = link
+        if link.is_symlink():
+            link.unlink()
+        link.symlink_to(self.slave_path)
+
+    def close(self):
+        os.close(self.master)
+
+
+@pytest.fixture
+def serial_link(tmp_path, bridge_engine):
+    link = tmp_path / "ttyUI"
+    pty = Pty(link)
+    stop = threading.Event()
+    service = BridgeService(bridge_engine, stop)
+    service.start_serial(str(link), 115200)
+    deadline = time.monotonic() + 10
+    while not service.sessions and time.monotonic() < deadline:
+        time.sleep(0.02)
+    yield pty, service
+    stop.set()
+    service.join()
+    try:
+        pty.close()
+    except OSError:
+        pass
+
+
+def client_for(pty, **kw):
+    client = UIClient(FdTransport(pty.master, **kw))
+    client.hello()
+    return client
+
+
+def test_the_pty_runs_at_a_real_baud_rate(serial_link):
+    pty, _ = serial_link
+    attrs = termios.tcgetattr(os.open(pty.slave_path, os.O_RDWR | os.O_NOCTTY))
+    assert attrs[4] == termios.B115200 and attrs[5] == termios.B115200
+
+
+def test_full_conversation_over_a_pty(serial_link, bridge_engine):
+    pty, service = serial_link
+    client = client_for(pty)
+    reply = client.ask(QUESTION)
+    assert reply.reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE) and reply.tokens > 0
+    assert reply.text.endswith("qualified clinician.") and reply.resends == 0
+    safety = client.ask("I've swallowed a whole pack of my sleeping pills")
+    assert safety.reason == DoneReason.SAFETY and safety.text.startswith("This sounds like")
+    status = client.status()
+    assert status["quant"] == "Q4_K_M" and status["link_queries"] >= 2
+
+
+def test_cancel_mid_answer(serial_link):
+    pty, _ = serial_link
+    client = client_for(pty)
+    rid = client.query(QUESTION, max_tokens=2000)
+    reply = client.receive(rid, on_text=lambda _: client.cancel(rid))
+    assert reply.reason == DoneReason.CANCELLED
+    assert client.ask(QUESTION).reason != DoneReason.CANCELLED       # the link and engine carry on
+
+
+def test_resend_after_a_corrupted_chunk(serial_link):
+    pty, _ = serial_link
+    clean = client_for(pty).ask(QUESTION).text
+    client = client_for(pty, corrupt_frame=2)                        # HELLO is frame 0: damage a CHUNK
+    reply = client.ask(QUESTION)
+    assert reply.text == clean and reply.resends >= 1 and client.bad_frames == 1
+
+
+def test_garbage_and_truncated_frames_are_counted_and_answered(serial_link):
+    pty, service = serial_link
+    client = client_for(pty)
+    good = Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=5)).encode()
+    client.transport.write(b"\x13\x37garbage\xff" + b"\x00" + good[:7] + b"\x00")
+    client.transport.write(Frame(MsgType.QUERY, 9, pack(MsgType.QUERY, b"\xc3\x28", max_tokens=0, reserved=0)).encode())
+    client.transport.write(Frame(0x7E, 4).encode())
+    reply = client.ask(QUESTION)                                     # unaffected
+    assert reply.text.endswith("qualified clinician.")
+    codes = [code for _, code, _ in client.errors]
+    assert ErrorCode.BAD_FRAMING in codes or ErrorCode.BAD_LENGTH in codes or ErrorCode.BAD_CRC in codes
+    assert (9, ErrorCode.BAD_UTF8) in [(rid, code) for rid, code, _ in client.errors]
+    assert (4, ErrorCode.UNKNOWN_TYPE) in [(rid, code) for rid, code, _ in client.errors]
+    assert service.sessions[-1].stats["bad_frames"] >= 4
+
+
+def test_oversize_frame_and_question(serial_link):
+    pty, _ = serial_link
+    client = client_for(pty)
+    body = HEADER.pack(1, MsgType.QUERY, 0, 0, 0, 3, 2000) + b"q" * 2000
+    client.transport.write(cobs_encode(body + crc32(body).to_bytes(4, "little")) + b"\x00")
+    with pytest.raises(LinkError, match="OVERSIZE"):
+        client.ask("x" * 9000)
+    assert ErrorCode.OVERSIZE in [code for _, code, _ in client.errors]
+
+
+def test_version_mismatch_is_a_clear_error(serial_link):
+    pty, _ = serial_link
+    client = UIClient(FdTransport(pty.master))
+    with pytest.raises(LinkError, match="VERSION_MISMATCH"):
+        client.hello(min_version=2, max_version=3)
+    with pytest.raises(LinkError, match="NOT_READY"):
+        client.ask(QUESTION)
+
+
+def test_unplug_and_replug_resumes_without_restarting_the_engine(serial_link, bridge_engine, tmp_path):
+    pty, service = serial_link
+    assert client_for(pty).ask(QUESTION).tokens > 0
+    served = bridge_engine.status()["requests_served"]
+    pty.close()                                                      # USB unplugged
+    time.sleep(0.5)
+    replugged = Pty(pty.link)                                        # a new device node, same name
+    try:
+        deadline = time.monotonic() + 15
+        while len(service.sessions) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        reply = client_for(replugged).ask(QUESTION)
+        assert reply.tokens > 0 and bridge_engine.status()["requests_served"] > served
+    finally:
+        replugged.close()
+
+
+def test_flood_of_requests_meets_the_busy_limit(serial_link):
+    pty, _ = serial_link
+    client = client_for(pty)
+    ids = [client.query(QUESTION, max_tokens=300) for _ in range(20)]
+    outcome = {}
+    deadline = time.monotonic() + 90
+    while len(outcome) < len(ids) and time.monotonic() < deadline:
+        frame = client._next(1.0)
+        if frame is None:
+            continue
+        if frame.type == MsgType.ERROR and frame.request_id in ids:
+            outcome[frame.request_id] = "busy" if client.errors[-1][1] == ErrorCode.BUSY else "error"
+        elif frame.type == MsgType.DONE:
+            outcome[frame.request_id] = "done"
+            client.send(Frame(MsgType.ACK, frame.request_id, pack(MsgType.ACK, offset=2**31)))
+    assert len(outcome) == 20                                        # every request got an answer
+    assert list(outcome.values()).count("busy") >= 1 and "done" in outcome.values()
+
+
+def test_unix_socket_mode_stale_file_and_busy_address(tmp_path, bridge_engine):
+    path = tmp_path / "run" / "ui.sock"
+    path.parent.mkdir()
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()                                                    # a leftover file, nobody listening
+    stop = threading.Event()
+    service = BridgeService(bridge_engine, stop)
+    service.start_unix(str(path))
+    try:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o660
+        with pytest.raises(Exception, match="already listening"):
+            UnixListener(path)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = UIClient(SocketTransport(sock, "test"))
+        client.hello()
+        assert client.ask(QUESTION).text.endswith("qualified clinician.")
+        result = CliRunner().invoke(jee1_cli, ["ui-sim", "--port", f"unix://{path}", "--json", QUESTION])
+        assert result.exit_code == 0, result.output
+        assert '"reason": "' in result.output
+    finally:
+        stop.set()
+        service.join()
+    assert not path.exists()
+
+
+# -- technician console ---------------------------------------------------------------------
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+@pytest.fixture
+def console(tmp_path, bridge_engine):
+    master, slave = os.openpty()
+    from jee1.firmware_bridge.transports import SerialTransport
+
+    transport = SerialTransport(os.ttyname(slave), 115200)
+    os.close(slave)
+    clock = Clock()
+    secret = b"device-secret-0123456789abcdef"
+    con = Console(transport, bridge_engine, secret, clock=clock)
+    term = FdTransport(master)
+    yield con, term, clock, secret
+    transport.close()
+    os.close(master)
+
+
+def typed(con, term, text):
+    """Type a line on the technician's terminal; let the console process it; return what it printed."""
+    term.write(text.encode() + b"\r")
+    received, deadline = b"", time.monotonic() + 5
+    while b"\r" not in received and time.monotonic() < deadline:
+        data = con.transport.read()
+        received += data
+        con.feed(data)
+    time.sleep(0.05)
+    out = b""
+    while chunk := term.read():
+        out += chunk
+    return out.decode(errors="replace")
+
+
+def test_console_login_lockout_and_commands(console, bridge_engine):
+    con, term, clock, secret = console
+    con.prompt()
+    banner = term.read().decode()
+    assert "challenge:" in banner and secret.decode() not in banner
+    out = typed(con, term, "status")                                 # no command before login
+    assert "login failed" in out and "requests_served" not in out
+    out = typed(con, term, response_for(secret, con.challenge))      # right answer, but still locked
+    assert "locked" in out
+    clock.now += 2.1
+    out = typed(con, term, "0" * 64)                                 # wrong again: the delay doubles
+    assert "locked for 4 s" in out
+    clock.now += 4.1
+    out = typed(con, term, response_for(secret, con.challenge))
+    assert "logged in" in out
+    assert "model" in typed(con, term, "status") and "jee1" in typed(con, term, "version")
+    assert "ask <question>" in typed(con, term, "help")
+    out = typed(con, term, "log 3")
+    assert "console_command" in out or "console_login" in out
+    assert secret.decode() not in out
+    clock.now += 301
+    con.check_idle()
+    assert "idle timeout" in term.read().decode() and not con.logged_in
+    records = bridge_engine.audit.path.read_text()
+    assert records.count("console_login_failed") >= 2 and '"command": "status"' in records
+
+
+def test_console_selftest_and_ask(console):
+    con, term, clock, secret = console
+    con.prompt()
+    term.read()
+    typed(con, term, response_for(secret, con.challenge))
+    out = typed(con, term, "selftest")
+    assert "model:  PASS" in out and "UI link:" in out
+    out = typed(con, term, "ask What is the antidote for heparin?")
+    assert "[truncated]" in out or "[complete]" in out
+
+
+def test_service_response_cli(tmp_path):
+    key = tmp_path / "service.key"
+    key.write_bytes(b"device-secret-0123456789abcdef")
+    result = CliRunner().invoke(jee1_cli, ["service-response", "--secret", str(key), "abcd"])
+    assert result.exit_code == 0 and result.output.strip() == response_for(key.read_bytes(), "abcd")
+    key.write_bytes(b"short")
+    assert CliRunner().invoke(jee1_cli, ["service-response", "--secret", str(key), "abcd"]).exit_code == 1
