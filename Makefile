@@ -26,6 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/convert_bench.py
 	$(BIN)/python benchmarks/runtime_bench.py
 	$(BIN)/python benchmarks/eval_bench.py
+	$(BIN)/python benchmarks/bridge_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
