@@ -201,3 +201,21 @@ def test_cmake_build_and_ctest(tmp_path):
     subprocess.run(["cmake", "--build", str(build)], check=True, capture_output=True)
     result = subprocess.run(["ctest", "--test-dir", str(build), "--output-on-failure"], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_libfuzzer_on_the_c_decoder(tmp_path):
+    """CMake builds the libFuzzer target (ASan + UBSan) when the compiler is clang; ctest runs it for 15 s."""
+    clang = shutil.which("clang")
+    if not clang or not shutil.which("cmake"):
+        pytest.skip("clang (with libclang-rt) not installed: the fuzz target is not built here")
+    build = tmp_path / "fuzz"
+    configure = subprocess.run(["cmake", "-S", str(REPO), "-B", str(build), f"-DCMAKE_C_COMPILER={clang}"],
+                               capture_output=True, text=True)
+    assert configure.returncode == 0, configure.stderr
+    built = subprocess.run(["cmake", "--build", str(build)], capture_output=True, text=True)
+    if "fuzzer" in built.stderr and built.returncode != 0:
+        pytest.skip("clang without the libFuzzer runtime (libclang-rt)")
+    assert built.returncode == 0, built.stderr
+    result = subprocess.run(["ctest", "--test-dir", str(build), "-R", "frame_fuzz", "--output-on-failure"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "100% tests passed" in result.stdout, result.stdout + result.stderr
