@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -55,11 +56,19 @@ def engine_settings(model_path: Path, workdir: Path, **sections):
     return Settings.load(overrides=over)
 
 
-@pytest.fixture(scope="session")
-def engine(tmp_path_factory, q4_merged):
+@contextlib.contextmanager
+def running_engine(workdir: Path, model_path: Path, **sections):
     from jee1.edge.engine import Engine
 
-    workdir = tmp_path_factory.mktemp("engine")
-    eng = Engine(engine_settings(q4_merged.output, workdir, answer={"max_tokens": 64, "queue_size": 2}))
-    yield eng
-    eng.close()
+    eng = Engine(engine_settings(model_path, workdir, **sections))
+    try:
+        yield eng
+    finally:
+        eng.close()
+
+
+@pytest.fixture(scope="session")
+def engine(tmp_path_factory, q4_merged):
+    with running_engine(tmp_path_factory.mktemp("engine"), q4_merged.output,
+                        answer={"max_tokens": 64, "queue_size": 2}) as eng:
+        yield eng

@@ -13,9 +13,8 @@ import time
 import pytest
 from click.testing import CliRunner
 
-from conftest import engine_settings
+from conftest import running_engine
 from jee1.edge.cli import main as jee1_cli
-from jee1.edge.engine import Engine
 from jee1.firmware_bridge.bridge import BridgeService
 from jee1.firmware_bridge.codec import Frame, cobs_encode, crc32, pack
 from jee1.firmware_bridge.console import Console, response_for
@@ -56,10 +55,9 @@ class FdTransport:
 
 @pytest.fixture(scope="module")
 def bridge_engine(tmp_path_factory, q4_merged):
-    workdir = tmp_path_factory.mktemp("bridge-engine")
-    eng = Engine(engine_settings(q4_merged.output, workdir, answer={"max_tokens": 48, "queue_size": 2}))
-    yield eng
-    eng.close()
+    with running_engine(tmp_path_factory.mktemp("bridge-engine"), q4_merged.output,
+                        answer={"max_tokens": 48, "queue_size": 2}) as eng:
+        yield eng
 
 
 class Pty:

@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import engine_settings, run_convert
+from conftest import run_convert, running_engine
 from jee1.edge.cli import main as jee1_cli
-from jee1.edge.engine import Engine
 from jee1.edge.eval.prompting import PromptStyle, pick_shots
 from jee1.edge.eval.runner import EvalConfig, read_records, evaluate
 from jee1.edge.eval.scoring import LoglikScorer, log_softmax, parse_answer
@@ -107,10 +106,8 @@ def test_fewshot_is_seeded_and_excludes_the_question(files):
 
 @pytest.fixture(scope="module")
 def eval_engine(tmp_path_factory, q4_merged):
-    workdir = tmp_path_factory.mktemp("eval-engine")
-    eng = Engine(engine_settings(q4_merged.output, workdir, safety={"pre_model": False}))
-    yield eng
-    eng.close()
+    with running_engine(tmp_path_factory.mktemp("eval-engine"), q4_merged.output, safety={"pre_model": False}) as eng:
+        yield eng
 
 
 def test_loglik_equals_a_direct_computation_from_llama_cpp_logits(eval_engine, files, q4_merged):
