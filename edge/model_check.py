@@ -169,6 +169,8 @@ def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, p
     cache = VerifiedCache(cache_dir)
     cached = cache.lookup(model)
     if cached == expected_sha:
+        if progress is not None:
+            progress.update(size)  # verified before, same size and mtime: nothing to re-hash
         return CheckResult(manifest, cached, hashed=False, signed_by=signed_by)
     log.info("verifying %s (%.1f GiB) against its manifest", model.name, size / 2**30)
     actual = sha256_file(model, progress)
