@@ -58,6 +58,7 @@ class Session:
         self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
                       "answers_dropped": 0}
         self.last_sent = time.monotonic()
+        self.last_pong = time.monotonic()
         self.closed = threading.Event()
 
     # -- output ---------------------------------------------------------------------------------
@@ -129,6 +130,7 @@ class Session:
         if mtype == MsgType.PING:
             return self.send(Frame(MsgType.PONG, 0, pack(MsgType.PONG, nonce=fields["nonce"])))
         if mtype == MsgType.PONG:
+            self.last_pong = time.monotonic()
             return None
         if not self.ready:
             return self.error(ErrorCode.NOT_READY, "send HELLO first", frame.request_id)
@@ -250,6 +252,9 @@ class Session:
                 if data:
                     self.handle_bytes(data)
                 elif time.monotonic() - self.last_sent > HEARTBEAT_S:
+                    if nonce and time.monotonic() - self.last_pong > 2 * HEARTBEAT_S:
+                        log.warning("%s: no PONG for %.0f s: is the UI alive?", self.name,
+                                    time.monotonic() - self.last_pong)
                     nonce += 1
                     self.send(Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=nonce)))
         finally:

@@ -95,6 +95,28 @@ def test_serve_then_status_then_sigterm(tmp_path, dirs):
     assert [r["event"] for r in records] == ["engine_start", "engine_stop"]
 
 
+def test_serve_with_the_ui_link_on_a_unix_socket(tmp_path, dirs):
+    sock = tmp_path / "run" / "ui.sock"
+    proc = subprocess.Popen([BIN / "jee1", "-q", "serve", *map(str, dirs), "--ipc", str(sock)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert proc.poll() is None, proc.stderr.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        result = jee1("ui-sim", "--port", f"unix://{sock}", "--json", "What is the antidote for heparin?")
+        assert result.returncode == 0, result.stderr
+        reply = json.loads(result.stdout)
+        assert reply["reason"] in ("truncated", "complete") and reply["text"].endswith("qualified clinician.")
+        status = json.loads(jee1("ui-sim", "--port", f"unix://{sock}", "--status").stdout)
+        assert status["requests_served"] >= 1
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0 and not sock.exists()
+
+
 def test_status_without_a_service_loads_the_model(dirs):
     data = json.loads(jee1("-q", "status", *dirs, "--json").stdout)
     assert data["service"] == "not running" and data["offload"] == "cpu" and data["context"] == 512
