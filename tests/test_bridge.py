@@ -318,3 +318,58 @@ def test_service_response_cli(tmp_path):
     assert result.exit_code == 0 and result.output.strip() == response_for(key.read_bytes(), "abcd")
     key.write_bytes(b"short")
     assert CliRunner().invoke(jee1_cli, ["service-response", "--secret", str(key), "abcd"]).exit_code == 1
+
+
+def test_device_ports_open_exclusively(serial_link):
+    from jee1.firmware_bridge.transports import SerialTransport, TransportClosed
+
+    pty, _ = serial_link                       # the bridge holds the port
+    with pytest.raises(TransportClosed, match="cannot open"):
+        SerialTransport(str(pty.link), 115200)
+
+
+def test_heartbeat_pings_an_idle_link(serial_link, monkeypatch):
+    from jee1.firmware_bridge import bridge as bridge_mod
+    from jee1.firmware_bridge.codec import Decoder
+
+    monkeypatch.setattr(bridge_mod, "HEARTBEAT_S", 0.2)
+    pty, _ = serial_link
+    transport = FdTransport(pty.master)
+    UIClient(transport).hello()
+    decoder, pings, deadline = Decoder(), 0, time.monotonic() + 3
+    while pings < 2 and time.monotonic() < deadline:
+        pings += sum(1 for f in decoder.feed(transport.read()) if isinstance(f, Frame) and f.type == MsgType.PING)
+    assert pings >= 2
+
+
+def test_unacknowledged_answers_are_dropped_oldest_first_and_reported(serial_link, monkeypatch):
+    from jee1.firmware_bridge import bridge as bridge_mod
+
+    monkeypatch.setattr(bridge_mod, "ANSWER_BUFFER_BYTES", 400)
+    pty, service = serial_link
+    client = client_for(pty)
+    done = []
+    for _ in range(3):                          # answers never acknowledged
+        rid = client.query(QUESTION)
+        while True:
+            frame = client._next(30)
+            if frame.type == MsgType.DONE and frame.request_id == rid:
+                done.append(rid)
+                break
+    client.send(Frame(MsgType.RESEND, done[0], pack(MsgType.RESEND, offset=0)))
+    deadline = time.monotonic() + 10
+    while not any(code == ErrorCode.ANSWER_DROPPED for _, code, _ in client.errors) and time.monotonic() < deadline:
+        client._next(0.2)
+    assert (done[0], ErrorCode.ANSWER_DROPPED) in [(rid, code) for rid, code, _ in client.errors]
+    assert service.sessions[-1].stats["answers_dropped"] >= 1
+
+
+def test_console_maintenance_commands(console):
+    con, term, clock, secret = console
+    con.prompt()
+    term.read()
+    typed(con, term, response_for(secret, con.challenge))
+    assert "model OK: sha256" in typed(con, term, "verify-model")
+    assert "warm prefix rebuilt" in typed(con, term, "cache rebuild")
+    assert "unknown command 'reboot'" in typed(con, term, "reboot")
+    assert "logged out" in typed(con, term, "logout") and not con.logged_in

@@ -1,5 +1,6 @@
 """The device CLI end to end in real processes: ask, serve + status, settings errors, offline."""
 
+import contextlib
 import json
 import shutil
 import signal
@@ -74,47 +75,41 @@ def test_bad_config_file(tmp_path):
     assert proc.returncode == 1 and "gpu_layers" in proc.stderr
 
 
-def test_serve_then_status_then_sigterm(tmp_path, dirs):
-    proc = subprocess.Popen([BIN / "jee1", "-q", "serve", *map(str, dirs)], stdout=subprocess.PIPE,
+@contextlib.contextmanager
+def serving(args, ready_when: Path):
+    """`jee1 serve ARGS` in its own process until SIGTERM; yields once ``ready_when`` exists."""
+    proc = subprocess.Popen([BIN / "jee1", "-q", "serve", *map(str, args)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-    status_file = tmp_path / "cache" / "status.json"
     try:
         deadline = time.monotonic() + 60
-        while not status_file.exists():
+        while not ready_when.exists():
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        result = jee1("status", *dirs, "--json")
-        data = json.loads(result.stdout)
-        assert data["service"] == "running" and data["pid"] == proc.pid and data["quant"] == "Q4_K_M"
+        yield proc
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
-    assert proc.returncode == 0 and not status_file.exists()
+    assert proc.returncode == 0 and not ready_when.exists()
+
+
+def test_serve_then_status_then_sigterm(tmp_path, dirs):
+    with serving(dirs, tmp_path / "cache" / "status.json") as proc:
+        data = json.loads(jee1("status", *dirs, "--json").stdout)
+        assert data["service"] == "running" and data["pid"] == proc.pid and data["quant"] == "Q4_K_M"
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records] == ["engine_start", "engine_stop"]
 
 
 def test_serve_with_the_ui_link_on_a_unix_socket(tmp_path, dirs):
     sock = tmp_path / "run" / "ui.sock"
-    proc = subprocess.Popen([BIN / "jee1", "-q", "serve", *map(str, dirs), "--ipc", str(sock)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert proc.poll() is None, proc.stderr.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+    with serving([*dirs, "--ipc", sock], sock):
         result = jee1("ui-sim", "--port", f"unix://{sock}", "--json", "What is the antidote for heparin?")
         assert result.returncode == 0, result.stderr
         reply = json.loads(result.stdout)
         assert reply["reason"] in ("truncated", "complete") and reply["text"].endswith("qualified clinician.")
         status = json.loads(jee1("ui-sim", "--port", f"unix://{sock}", "--status").stdout)
         assert status["requests_served"] >= 1
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    assert proc.returncode == 0 and not sock.exists()
 
 
 def test_status_without_a_service_loads_the_model(dirs):
