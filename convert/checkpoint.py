@@ -59,7 +59,11 @@ class LlamaConfig:
 
     @classmethod
     def load(cls, path: Path) -> "LlamaConfig":
-        raw = read_json(path, "the model's config.json")
+        return cls.from_hf(read_json(path, "the model's config.json"), path)
+
+    @classmethod
+    def from_hf(cls, raw: dict, path: Path) -> "LlamaConfig":
+        """A Hugging Face config.json's fields, checked; ``path`` names the file in errors."""
         archs = raw.get("architectures") or []
         if raw.get("model_type") != "llama" or not SUPPORTED_ARCHITECTURES & set(archs):
             found = ", ".join(archs) or raw.get("model_type") or "unknown"

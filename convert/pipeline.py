@@ -31,7 +31,8 @@ from .progress import phase_bar
 from .quant_types import QuantType
 from .tensor_map import tensor_specs
 from .vocab import load_vocab
-from .writer import Provenance, planned_bytes, write_gguf
+from .tiny import CORPUS
+from .writer import Provenance, tensor_plan, write_gguf
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,9 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     provenance = Provenance(opts.model_name, checkpoint.config.name, adapter.name if adapter else None,
                             template_name, template)
 
-    written_bytes = planned_bytes(checkpoint, quant.written) + METADATA_MARGIN
-    params = sum(int(np.prod(s.shape)) for s in tensor_specs(checkpoint.config))
+    plan = tensor_plan(checkpoint, quant.written)
+    written_bytes = sum(nbytes for _, _, nbytes in plan) + METADATA_MARGIN
+    params = sum(int(np.prod(spec.shape)) for spec, _, _ in plan)
     final_bytes = int(params * quant.bits_per_weight / 8) + METADATA_MARGIN
     _check_disk_space(out.parent, written_bytes + (final_bytes if quant.needs_llama_quantizer else 0))
 
@@ -169,7 +171,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     kept = out.with_name(out.name.removesuffix(".gguf") + ".F16.gguf") if opts.keep_intermediate else None
     result = ConvertResult(out, manifest_path(out), {}, None, None)  # type: ignore[arg-type]
     try:
-        source_bytes = sum(checkpoint.tensors[s.hf_name][1].nbytes for s in tensor_specs(checkpoint.config))
+        source_bytes = sum(checkpoint.tensors[spec.hf_name][1].nbytes for spec, _, _ in plan)
         with _Phase(result, "merge+write") as phase, phase_bar("merge+write", source_bytes, opts.quiet) as bar:
             written_type = LlamaFileType.MOSTLY_F16 if quant.needs_llama_quantizer else quant.file_type
             write_gguf(tmp_written, checkpoint, adapter, vocab, provenance, quant.written, written_type, bar)
@@ -216,14 +218,13 @@ def convert(opts: ConvertOptions) -> ConvertResult:
 def _quality_gate(opts: ConvertOptions, f16: Path, quantized: Path, checkpoint: Checkpoint) -> dict:
     """KL divergence and top-1 agreement of the quantized file against the F16 on a medical text."""
     import hashlib
-    from importlib import resources
 
     from jee1.quality import compare
 
     if opts.verify_text is not None:
         name, text = str(opts.verify_text), Path(opts.verify_text).read_text(encoding="utf-8")
     else:
-        name, text = "built-in medical_corpus.txt", (resources.files("jee1.convert") / "data" / "medical_corpus.txt").read_text("utf-8")
+        name, text = f"built-in {CORPUS.name}", CORPUS.read_text(encoding="utf-8")
     n_ctx = min(512, checkpoint.config.max_position_embeddings)
     result = compare(f16, quantized, text, n_ctx=n_ctx, threads=opts.threads).as_json()
     gate = {"text": name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx,

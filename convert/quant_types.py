@@ -17,18 +17,22 @@ class QuantType:
     name: str
     file_type: FT                # general.file_type of the final file
     written: GGML                # type of 2-D tensors in the file our writer produces
-    needs_llama_quantizer: bool
     primary: GGML                # the type most 2-D tensors end up in (checked after conversion)
     bits_per_weight: float       # for the disk-space estimate (llama.cpp's published sizes, rounded up)
 
+    @property
+    def needs_llama_quantizer(self) -> bool:
+        """Our writer produces ``written``; anything else is llama.cpp's quantizer's job."""
+        return self.primary != self.written
+
 
 QUANT_TYPES: dict[str, QuantType] = {q.name: q for q in (
-    QuantType("F16", FT.MOSTLY_F16, GGML.F16, False, GGML.F16, 16.0),
-    QuantType("BF16", FT.MOSTLY_BF16, GGML.BF16, False, GGML.BF16, 16.0),
-    QuantType("Q8_0", FT.MOSTLY_Q8_0, GGML.F16, True, GGML.Q8_0, 8.5),
-    QuantType("Q6_K", FT.MOSTLY_Q6_K, GGML.F16, True, GGML.Q6_K, 6.6),
-    QuantType("Q5_K_M", FT.MOSTLY_Q5_K_M, GGML.F16, True, GGML.Q5_K, 5.8),
-    QuantType("Q4_K_M", FT.MOSTLY_Q4_K_M, GGML.F16, True, GGML.Q4_K, 5.0),
+    QuantType("F16", FT.MOSTLY_F16, GGML.F16, GGML.F16, 16.0),
+    QuantType("BF16", FT.MOSTLY_BF16, GGML.BF16, GGML.BF16, 16.0),
+    QuantType("Q8_0", FT.MOSTLY_Q8_0, GGML.F16, GGML.Q8_0, 8.5),
+    QuantType("Q6_K", FT.MOSTLY_Q6_K, GGML.F16, GGML.Q6_K, 6.6),
+    QuantType("Q5_K_M", FT.MOSTLY_Q5_K_M, GGML.F16, GGML.Q5_K, 5.8),
+    QuantType("Q4_K_M", FT.MOSTLY_Q4_K_M, GGML.F16, GGML.Q4_K, 5.0),
 )}
 DEFAULT_QUANT = "Q4_K_M"
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import INDEX_FILE
+from .checkpoint import INDEX_FILE, LlamaConfig
 from .safetensors_io import write_safetensors
-from .tensor_map import BLOCK_TENSORS
+from .tensor_map import layer_index, module_name, tensor_specs
 
 CORPUS = resources.files("jee1.convert") / "data" / "medical_corpus.txt"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -88,20 +88,15 @@ def train_tokenizer(out_dir: Path, vocab_size: int) -> Path:
     return out_dir / "tokenizer.model"
 
 
+def _specs(spec: TinySpec):
+    """The tensors of this shape, from the same table the converter checks checkpoints against."""
+    return tensor_specs(LlamaConfig.from_hf(spec.config(), Path("tiny/config.json")))
+
+
 def _weights(spec: TinySpec) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
-    cfg = spec.config()
-    from .checkpoint import LlamaConfig  # shapes come from the same table the converter checks
-
-    config = LlamaConfig(**{k: cfg[k] for k in ("vocab_size", "hidden_size", "intermediate_size",
-                                                 "num_hidden_layers", "num_attention_heads",
-                                                 "num_key_value_heads", "max_position_embeddings",
-                                                 "rms_norm_eps", "rope_theta", "rope_scaling",
-                                                 "tie_word_embeddings")}, name="tiny")
-    from .tensor_map import tensor_specs
-
     weights = {}
-    for s in tensor_specs(config):
+    for s in _specs(spec):
         if s.is_norm:
             w = 1.0 + 0.1 * rng.standard_normal(s.shape, dtype=np.float32)
         elif s.hf_name == "model.embed_tokens.weight":
@@ -142,27 +137,12 @@ def build_checkpoint(out_dir: str | Path, spec: TinySpec = TinySpec(), tokenizer
 
 
 def _adapted_modules(spec: TinySpec, adapter: AdapterSpec) -> list[tuple[str, tuple[int, int]]]:
+    """(module, (out, in)) of every block projection the adapter's target_modules selects."""
     from .adapter import targets_module
 
-    cfg = spec.config()
-    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
-    shapes = {  # (out, in) of each projection
-        "q_proj": (cfg["num_attention_heads"] * head_dim, cfg["hidden_size"]),
-        "k_proj": (cfg["num_key_value_heads"] * head_dim, cfg["hidden_size"]),
-        "v_proj": (cfg["num_key_value_heads"] * head_dim, cfg["hidden_size"]),
-        "o_proj": (cfg["hidden_size"], cfg["num_attention_heads"] * head_dim),
-        "gate_proj": (cfg["intermediate_size"], cfg["hidden_size"]),
-        "up_proj": (cfg["intermediate_size"], cfg["hidden_size"]),
-        "down_proj": (cfg["hidden_size"], cfg["intermediate_size"]),
-    }
-    modules = []
-    for i in range(cfg["num_hidden_layers"]):
-        for suffix in BLOCK_TENSORS:
-            proj = suffix.split(".")[1]
-            module = f"model.layers.{i}.{suffix.removesuffix('.weight')}"
-            if proj in shapes and targets_module(adapter.targets, module):
-                modules.append((module, shapes[proj]))
-    return modules
+    return [(module_name(s.hf_name), s.shape) for s in _specs(spec)
+            if layer_index(s.hf_name) is not None and not s.is_norm
+            and targets_module(adapter.targets, module_name(s.hf_name))]
 
 
 def build_adapter(out_dir: str | Path, spec: TinySpec = TinySpec(), adapter: AdapterSpec = AdapterSpec()) -> Path:

@@ -2,8 +2,8 @@
 
 Per tensor: read a block of rows from the memory-mapped shard (in llama.cpp's rotary row order
 for Q/K), widen to float32, add scale * B[rows] @ A, check for NaN/Inf, cast into the output
-array, write it, and drop the shard's pages.  Peak memory is one output tensor plus one block,
-whatever the model size.
+array, write it, and drop the shard's pages.  Peak memory is a few output tensors (two workers,
+a small buffer pool) plus one block per worker, whatever the model size.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class Provenance:
     template: str
 
 
-F16_MAX_FINITE = 65519.0
+F16_OVERFLOW = 65520.0  # float32 values at or beyond +-65520 round to infinity in float16
 
 
 class BufferPool:
@@ -70,7 +70,7 @@ class BufferPool:
         with self._lock:
             free = self._free.setdefault((array.size, array.dtype), [])
             if len(free) < self.keep:
-                free.append(array.reshape(-1))  # float32 values at or beyond +-65520 round to infinity in float16
+                free.append(array.reshape(-1))
 
 
 _thread_scratch = threading.local()
@@ -130,7 +130,7 @@ class TensorSource:
         if not (np.isfinite(low) and np.isfinite(high)):
             where = "after merging the adapter" if self.factors is not None else "in the input"
             raise InputError(f"tensor {self.spec.hf_name!r}: NaN or Inf {where} (file {self.file.path})")
-        if gtype == GGML.F16 and max(-low, high) >= F16_MAX_FINITE:
+        if gtype == GGML.F16 and max(-low, high) >= F16_OVERFLOW:
             raise InputError(f"tensor {self.spec.hf_name!r}: values exceed the F16 range "
                              f"(max |w| = {max(-low, high):.4g}); convert to BF16 instead")
 
@@ -184,29 +184,24 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, vocab: Vocab,
     writer.add_chat_template(provenance.template)
 
 
-def planned_bytes(checkpoint: Checkpoint, written: GGML) -> int:
-    """Bytes of tensor data the writer will produce (for the disk-space check)."""
-    total = 0
+def tensor_plan(checkpoint: Checkpoint, written: GGML) -> list[tuple[TensorSpec, GGML, int]]:
+    """(spec, stored type, bytes) of every tensor the writer produces: norms F32, the rest ``written``."""
+    plan = []
     for spec in tensor_specs(checkpoint.config):
         gtype = GGML.F32 if spec.is_norm else written
-        total += int(np.prod(spec.shape)) * STORAGE[gtype].itemsize
-    return total
+        plan.append((spec, gtype, int(np.prod(spec.shape)) * STORAGE[gtype].itemsize))
+    return plan
 
 
 def write_gguf(path: Path, checkpoint: Checkpoint, adapter: Adapter | None, vocab: Vocab,
                provenance: Provenance, written: GGML, file_type: gguf.LlamaFileType, progress,
                workers: int = 2) -> None:
     """Write the merged model to ``path`` (the caller owns atomicity and cleanup)."""
-    specs = tensor_specs(checkpoint.config)
+    plan = tensor_plan(checkpoint, written)
     writer = gguf.GGUFWriter(path, arch="llama")
     _add_metadata(writer, checkpoint, vocab, provenance, file_type)
-    types = {}
-    for spec in specs:
-        gtype = GGML.F32 if spec.is_norm else written
-        types[spec.gguf_name] = gtype
-        storage = STORAGE[gtype]
-        writer.add_tensor_info(spec.gguf_name, spec.shape, storage, int(np.prod(spec.shape)) * storage.itemsize,
-                               raw_dtype=gtype)
+    for spec, gtype, nbytes in plan:
+        writer.add_tensor_info(spec.gguf_name, spec.shape, STORAGE[gtype], nbytes, raw_dtype=gtype)
     try:
         writer.write_header_to_file(path)
         writer.write_kv_data_to_file()
@@ -220,9 +215,9 @@ def write_gguf(path: Path, checkpoint: Checkpoint, adapter: Adapter | None, voca
                 ThreadPoolExecutor(max_workers=workers, thread_name_prefix="merge") as pool:
             pending: deque = deque()
             try:
-                for spec in specs:
+                for spec, gtype, _ in plan:
                     source = TensorSource(spec, checkpoint, adapter)
-                    pending.append((source, pool.submit(source.produce, types[spec.gguf_name], buffers)))
+                    pending.append((source, pool.submit(source.produce, gtype, buffers)))
                     if len(pending) >= workers:
                         _write_next(writer, pending, progress, buffers)
                 while pending:

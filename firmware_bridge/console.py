@@ -67,6 +67,7 @@ class Console:
         self.challenge = ""
         self.last_input = clock()
         self.line = bytearray()
+        self.last_was_cr = False  # CR LF from a terminal is one line end, not two
 
     def write(self, text: str) -> None:
         self.transport.write(text.replace("\n", "\r\n").encode())
@@ -86,10 +87,10 @@ class Console:
     def feed(self, data: bytes) -> None:
         for byte in data:
             if byte in (0x0D, 0x0A):
-                if byte == 0x0A and not self.line and self._last_was_cr:
-                    self._last_was_cr = False
+                if byte == 0x0A and not self.line and self.last_was_cr:
+                    self.last_was_cr = False
                     continue
-                self._last_was_cr = byte == 0x0D
+                self.last_was_cr = byte == 0x0D
                 line = self.line.decode("utf-8", errors="replace").strip()
                 self.line.clear()
                 self.write("\n")
@@ -102,8 +103,6 @@ class Console:
             elif byte >= 0x20 and len(self.line) < 4096:
                 self.line.append(byte)
                 self.transport.write(bytes([byte]))  # echo, as terminal programs expect
-
-    _last_was_cr = False
 
     def handle_line(self, line: str) -> None:
         if not self.logged_in:

@@ -61,9 +61,15 @@ def error_examples() -> list[tuple[str, ErrorCode, bytes]]:
     ]
 
 
+FORMAT_LINES = [
+    "Line formats (fields separated by one space, hex in lower case, '-' for empty):",
+    "frame NAME VERSION TYPE FLAGS SEQ REQUEST_ID PAYLOAD_HEX ENCODED_HEX",
+    "error NAME ERROR_CODE ENCODED_HEX          (the bytes, delimiter included, must give this error)",
+]
+
+
 def render() -> str:
-    lines = [line for line in __doc__.splitlines()[3:7]]
-    lines = ["# " + line.strip() for line in lines if line.strip()]
+    lines = ["# " + line for line in FORMAT_LINES]
     for name, f in examples():
         lines.append(" ".join([ "frame", name, str(f.version), str(f.type), str(f.flags), str(f.seq),
                                str(f.request_id), f.payload.hex() or "-", f.encode().hex()]))

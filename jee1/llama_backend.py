@@ -138,13 +138,13 @@ _ggml_cpu = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-c
 _ggml_cpu.ggml_cpu_init.argtypes, _ggml_cpu.ggml_cpu_init.restype = [], None
 _ggml_cpu.ggml_cpu_init()
 _ROW_CONVERTERS = {}
-for _name, _src, _dst in (("ggml_cpu_fp32_to_fp16", np.float32, np.float16),
-                          ("ggml_cpu_fp16_to_fp32", np.float16, np.float32),
-                          ("ggml_cpu_fp32_to_bf16", np.float32, np.uint16),
-                          ("ggml_cpu_bf16_to_fp32", np.uint16, np.float32)):
+for _name, _src, _dst, _bf16 in (("ggml_cpu_fp32_to_fp16", np.float32, np.float16, False),
+                                 ("ggml_cpu_fp16_to_fp32", np.float16, np.float32, False),
+                                 ("ggml_cpu_fp32_to_bf16", np.float32, np.uint16, True),
+                                 ("ggml_cpu_bf16_to_fp32", np.uint16, np.float32, True)):
     _fn = getattr(_ggml_cpu, _name)
     _fn.argtypes, _fn.restype = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64], None
-    _ROW_CONVERTERS[(np.dtype(_src), np.dtype(_dst), _name.endswith("bf16") or "bf16_to" in _name)] = _fn
+    _ROW_CONVERTERS[(np.dtype(_src), np.dtype(_dst), _bf16)] = _fn
 
 
 def convert_rows(src: np.ndarray, dst: np.ndarray, bf16: bool = False) -> None:

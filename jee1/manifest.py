@@ -55,8 +55,3 @@ def write_json_atomic(path: str | Path, data: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def read_manifest(path: str | Path) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
