@@ -140,17 +140,19 @@ def engine_options(f):
 
 
 def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv_type=None, batch=None,
-                  flash_attn=None, mmap=None, mlock=None, cache_dir=None, audit_log=None, no_verify=False, **answer):
+                  flash_attn=None, mmap=None, mlock=None, cache_dir=None, audit_log=None, no_verify=False,
+                  pre_model_safety=None, **answer):
     from .settings import Settings
 
-    over: dict = {"model": {}, "runtime": {}, "cache": {}, "audit": {}, "answer": {}}
+    over: dict = {"model": {}, "runtime": {}, "cache": {}, "audit": {}, "answer": {}, "safety": {}}
+    if pre_model_safety is not None:
+        over["safety"]["pre_model"] = pre_model_safety
     if model:
         over["model"]["path"] = str(model)
     if no_verify:
         over["model"]["verify"] = False
     if gpu_layers is not None:
-        over["runtime"]["gpu_layers"] = gpu_layers if gpu_layers == "auto" else int(gpu_layers) \
-            if gpu_layers.isdigit() else gpu_layers
+        over["runtime"]["gpu_layers"] = int(gpu_layers) if gpu_layers.isdigit() else gpu_layers
     for key, value in (("n_ctx", n_ctx), ("threads", threads), ("kv_type", kv_type), ("batch", batch),
                        ("flash_attn", flash_attn), ("mmap", mmap), ("mlock", mlock)):
         if value is not None:
@@ -161,17 +163,6 @@ def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv
         over["audit"]["path"] = str(audit_log)
     over["answer"].update({k: v for k, v in answer.items() if v is not None})
     return Settings.load(ctx.obj["config"], {k: v for k, v in over.items() if v})
-
-
-def open_engine(settings, quiet: bool):
-    from jee1.convert.progress import phase_bar
-
-    from .engine import Engine
-
-    model = Path(settings["model"]["path"])
-    size = model.stat().st_size if model.is_file() else None
-    with phase_bar("verify model", size, quiet) as bar:
-        return Engine(settings, progress=bar)
 
 
 @main.command(epilog=EPILOG)
@@ -187,7 +178,7 @@ def ask(ctx, question, max_tokens, deadline_s, as_json, **engine_opts):
     The safety policy runs first: an emergency happening now gets the fixed emergency message
     without calling the model (exit 0, finish reason 'safety').
     """
-    from .engine import Busy
+    from .service import open_engine
 
     try:
         settings = load_settings(ctx, **engine_opts, max_tokens=max_tokens, deadline_s=deadline_s)
@@ -203,7 +194,7 @@ def ask(ctx, question, max_tokens, deadline_s, as_json, **engine_opts):
                 click.echo("\n[cancelled]", err=True)
                 sys.exit(130)
             answer = request.answer
-    except (Jee1Error, Busy) as e:
+    except Jee1Error as e:
         _fail(e)
     if as_json:
         click.echo(json.dumps(answer.as_json(), indent=2, ensure_ascii=False))
@@ -224,7 +215,7 @@ def status(ctx, as_json, **engine_opts):
     Reads the running service's status file (``cache.dir``/status.json) when `jee1 serve` is up;
     otherwise loads the model to report it.
     """
-    from .service import read_status
+    from .service import open_engine, read_status
 
     try:
         settings = load_settings(ctx, **engine_opts)
@@ -436,8 +427,7 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
                             quiet=ctx.obj["quiet"] or as_json)
         runs, records = [], []
         for label, path in ([("reference", reference)] if reference and tasks else []) + ([("model", model_file)] if tasks else []):
-            settings = load_settings(ctx, **(engine_opts | {"model": path}))
-            settings.data["safety"]["pre_model"] = pre_model_safety
+            settings = load_settings(ctx, **(engine_opts | {"model": path}), pre_model_safety=pre_model_safety)
             with Engine(settings) as engine:
                 runs.append(evaluate(engine, config, label))
             records.append(read_records(out_dir / f"{label}.records.jsonl"))

@@ -176,7 +176,7 @@ class Engine:
                                                                              if checked.signed_by else "")
         else:
             log.warning("%s: manifest verification skipped on request", self.model_path)
-            self.model_sha256, self.verified = text_digest(str(self.model_path.resolve()))[7:], "not verified"
+            self.model_sha256, self.verified = None, "not verified"
         summary = read_gguf(self.model_path)
         self.metadata = summary.metadata
         self.quant = _quant_name(summary)
@@ -207,7 +207,7 @@ class Engine:
                              f"runtime.n_ctx {s_rt['n_ctx']} leaves no room for a question")
         self.warm: WarmPrefix | None = None
         if s_cache["warm_prefix"]:
-            key = cache_key(self.model_sha256, prefix_tokens, s_rt["n_ctx"], s_rt["kv_type"])
+            key = cache_key(self._model_identity(), prefix_tokens, s_rt["n_ctx"], s_rt["kv_type"])
             self.warm = WarmPrefix(self.llama, prefix_tokens, key, cache_dir)
             self.warm.prepare()
         self.prefix_tokens = prefix_tokens
@@ -247,6 +247,13 @@ class Engine:
         log.info("GPU offload plan (%s): %s; %d/%d layers, needs %.2f GiB of %.2f GiB budget", source,
                  plan.reason, plan.gpu_layers, total, plan.needed_bytes / 2**30, plan.budget_bytes / 2**30)
         return plan
+
+    def _model_identity(self) -> str:
+        """What the warm-prefix state is keyed on: the verified hash, else the file's place, size and age."""
+        if self.model_sha256:
+            return self.model_sha256
+        st = self.model_path.stat()
+        return text_digest(f"{self.model_path.resolve()}:{st.st_size}:{st.st_mtime_ns}").removeprefix("sha256:")
 
     def _tokenize(self, text: str, bos: bool) -> list[int]:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=bos, special=False)
@@ -289,13 +296,15 @@ class Engine:
                 answer = Answer(job.id, str(e), "", "error", error=f"{type(e).__name__}: {e}")
                 with self._stats_lock:
                     self._stats["errors"] += 1
+                self.audit.record("answer", request_id=job.id, finish_reason="error", error=answer.error,
+                                  question=self.audit.text(job.question))
             job.events.put(("done", answer))
 
     def _answer(self, job: _Job) -> Answer:
         started = time.monotonic()
         queue_s = started - job.submitted
         decision = self.policy.screen(job.question)
-        if job.cancelled.is_set():
+        if job.cancelled.is_set():  # cancelled (or its caller gone) while it waited in the queue
             answer = Answer(job.id, "", "", "cancelled", decision=decision.as_json(), queue_s=queue_s)
         elif decision.red_flag:
             job.events.put(("text", decision.message))

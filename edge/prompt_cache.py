@@ -20,9 +20,9 @@ FORMAT = "jee1-prefix-state/1"
 SEQ = 0
 
 
-def cache_key(model_sha256: str, prefix_tokens: list[int], n_ctx: int, kv_type: str) -> str:
+def cache_key(model_identity: str, prefix_tokens: list[int], n_ctx: int, kv_type: str) -> str:
     digest = hashlib.sha256(json.dumps([prefix_tokens, n_ctx, kv_type, llama_cpp.__version__]).encode())
-    return f"{model_sha256[:16]}-{digest.hexdigest()[:16]}"
+    return f"{model_identity[:16]}-{digest.hexdigest()[:16]}"
 
 
 class WarmPrefix:

@@ -32,11 +32,21 @@ def read_status(settings) -> dict | None:
     return data
 
 
+def open_engine(settings, quiet: bool):
+    """The engine, with a progress bar while the model is checked against its manifest."""
+    from jee1.convert.progress import phase_bar
+
+    from .engine import Engine
+
+    model = Path(settings["model"]["path"])
+    size = model.stat().st_size if model.is_file() else None
+    with phase_bar("verify model", size, quiet) as bar:
+        return Engine(settings, progress=bar)
+
+
 def run_service(settings, quiet: bool = False, ready: threading.Event | None = None,
                 stop: threading.Event | None = None, ui_ports: tuple[str, ...] = (), baudrate: int = 115200,
                 ipc: str | None = None, console_port: str | None = None, console_secret: str | None = None) -> None:
-    from .cli import open_engine
-
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):

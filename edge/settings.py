@@ -36,19 +36,23 @@ def _merge(base: dict, over: dict, where: str) -> dict:
                 raise InputError(f"{where}: [{key}] must be a table")
             out[key] = _merge(base[key], value, f"{where} [{key}]")
         else:
-            if base[key] is not None and not _same_kind(base[key], value):
+            if base[key] is not None and not _same_kind(key, base[key], value):
                 raise InputError(f"{where}: {key} = {value!r} should be a {type(base[key]).__name__}")
             out[key] = value
     return out
 
 
-def _same_kind(default, value) -> bool:
+# Settings that take more than their default's type (validate() checks their values).
+MIXED_TYPES = {"gpu_layers": (str, int)}
+
+
+def _same_kind(key: str, default, value) -> bool:
+    if key in MIXED_TYPES:
+        return isinstance(value, MIXED_TYPES[key]) and not isinstance(value, bool)
     if isinstance(default, bool) or isinstance(value, bool):
         return isinstance(default, bool) and isinstance(value, bool)
     if isinstance(default, float):
         return isinstance(value, (int, float))
-    if isinstance(default, str) and isinstance(value, int):
-        return True  # gpu_layers: "auto" or a count
     return isinstance(value, type(default))
 
 

@@ -16,7 +16,8 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from jee1.errors import Jee1Error
+from jee1.edge.engine import Busy
+from jee1.errors import InputError, Jee1Error
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
 from .protocol import (ANSWER_BUFFER_BYTES, DEFAULT_WINDOW, HEARTBEAT_S, MAX_IN_FLIGHT, MAX_PAYLOAD,
@@ -175,9 +176,11 @@ class Session:
         self.stats["queries"] += 1
         try:
             request = self.engine.submit(buffer.decode(), max_tokens=fields["max_tokens"] or None)
-        except Jee1Error as e:
-            self.stats["busy"] += "busy" in str(e)
-            return self.error(ErrorCode.BUSY if "busy" in str(e) else ErrorCode.ENGINE_ERROR, str(e), rid)
+        except Busy as e:
+            self.stats["busy"] += 1
+            return self.error(ErrorCode.BUSY, str(e), rid)
+        except Jee1Error as e:  # an empty question, an engine shutting down
+            return self.error(ErrorCode.BAD_PAYLOAD if isinstance(e, InputError) else ErrorCode.ENGINE_ERROR, str(e), rid)
         out = Outgoing(rid, request)
         self.answers[rid] = out
         self.dropped.discard(rid)

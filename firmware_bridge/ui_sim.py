@@ -47,22 +47,28 @@ class UIClient:
         self.transport.write(frame.encode())
 
     def _next(self, timeout: float) -> Frame | None:
+        return self._next_matching(lambda frame: True, timeout)
+
+    def _next_matching(self, wanted, timeout: float) -> Frame | None:
+        """The oldest received frame ``wanted`` accepts, reading more while none has arrived;
+        the others stay queued for whoever asks for them (several requests share one link)."""
         deadline = time.monotonic() + timeout
-        while not self.pending:
+        while True:
+            for i, frame in enumerate(self.pending):
+                if wanted(frame):
+                    return self.pending.pop(i)
             if time.monotonic() >= deadline:
                 return None
             for item in self.decoder.feed(self.transport.read()):
                 if isinstance(item, FrameError):
                     self.bad_frames += 1
-                elif item.type == MsgType.ERROR:
-                    fields, text = unpack(item)
-                    self.errors.append((item.request_id, fields["code"], text))
-                    self.pending.append(item)
                 elif item.type == MsgType.PING:
                     self.send(Frame(MsgType.PONG, 0, pack(MsgType.PONG, nonce=unpack(item)[0]["nonce"])))
                 else:
+                    if item.type == MsgType.ERROR:
+                        fields, text = unpack(item)
+                        self.errors.append((item.request_id, fields["code"], text))
                     self.pending.append(item)
-        return self.pending.pop(0)
 
     def hello(self, min_version: int = 1, max_version: int = PROTOCOL_VERSION, timeout: float = 5.0) -> dict:
         self.send(Frame(MsgType.HELLO, 0, pack(MsgType.HELLO, "jee1-ui-sim", min_version=min_version,
@@ -94,15 +100,10 @@ class UIClient:
         acked, resends, chunks, times = 0, 0, 0, []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            frame = self._next(silence_s)
+            frame = self._next_matching(lambda f: f.request_id == rid, silence_s)
             if frame is None:  # silence: a CHUNK or the DONE may have been lost
                 self.send(Frame(MsgType.RESEND, rid, pack(MsgType.RESEND, offset=len(data))))
                 resends += 1
-                continue
-            if frame.request_id != rid:
-                self.pending.append(frame) if frame.type != MsgType.ERROR else None
-                if len(self.pending) > 1000:
-                    raise RuntimeError("too many frames for other requests")
                 continue
             fields, text = unpack(frame)
             if frame.type == MsgType.ERROR:

@@ -373,3 +373,15 @@ def test_console_maintenance_commands(console):
     assert "warm prefix rebuilt" in typed(con, term, "cache rebuild")
     assert "unknown command 'reboot'" in typed(con, term, "reboot")
     assert "logged out" in typed(con, term, "logout") and not con.logged_in
+
+
+def test_two_answers_in_flight_on_one_link(serial_link):
+    """The UI may read answers in any order: frames of the other request wait for it."""
+    pty, _ = serial_link
+    client = client_for(pty)
+    alone = client.ask(QUESTION).text
+    first = client.query(QUESTION)
+    second = client.query("I want to kill myself")
+    crisis = client.receive(second)
+    assert crisis.reason == DoneReason.SAFETY and "crisis line" in crisis.text
+    assert client.receive(first).text == alone

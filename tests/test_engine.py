@@ -107,6 +107,9 @@ def test_a_failing_request_leaves_the_engine_ready(engine):
     failed = engine.ask("aspirin " * 600)             # longer than the context
     assert failed.finish_reason == "error" and "too long" in failed.error
     assert engine.ask(QUESTION).completion_tokens == 64
+    records = [json.loads(line) for line in engine.audit.path.read_text().splitlines()]
+    assert any(r["event"] == "answer" and r["request_id"] == failed.request_id and r["finish_reason"] == "error"
+               and "too long" in r["error"] for r in records)
 
 
 def test_empty_question_is_refused(engine):

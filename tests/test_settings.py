@@ -49,3 +49,12 @@ def test_invalid_settings_are_named(tmp_path, body, message):
 def test_missing_config_file(tmp_path):
     with pytest.raises(InputError, match="config file does not exist"):
         Settings.load(tmp_path / "none.toml")
+
+
+def test_only_gpu_layers_takes_a_string_or_a_number(tmp_path):
+    cfg = tmp_path / "jee1.toml"
+    cfg.write_text("[answer]\npreamble = 5\n")
+    with pytest.raises(InputError, match="preamble = 5 should be a str"):
+        Settings.load(cfg)
+    cfg.write_text("[runtime]\ngpu_layers = 40\n")
+    assert Settings.load(cfg)["runtime"]["gpu_layers"] == 40
