@@ -16,12 +16,27 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
     header.pop("__metadata__", None)
-    dtypes = {"F16": np.float16, "F32": np.float32}
+    dtypes = {"F16": np.float16, "F32": np.float32, "BF16": np.uint16}
     out = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
-        out[name] = np.frombuffer(raw[8 + n + begin:8 + n + end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        data = np.frombuffer(raw[8 + n + begin:8 + n + end], dtype=dtypes[info["dtype"]]).reshape(info["shape"])
+        out[name] = (data.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16" else data
     return out
+
+
+def write_bf16_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
+    """Store float arrays as BF16 (round to nearest even), the way many Llama checkpoints ship."""
+    header, blobs, offset = {}, [], 0
+    for name, array in tensors.items():
+        bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+        blob = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype("<u2").tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(array.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    head = json.dumps(header).encode()
+    head += b" " * (-len(head) % 8)
+    Path(path).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
 
 
 def read_checkpoint(base: Path) -> tuple[dict, dict[str, np.ndarray]]:

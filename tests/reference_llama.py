@@ -31,7 +31,8 @@ def forward(w, cfg, tokens):
     head_dim = cfg["hidden_size"] // n_head
     eps, theta = cfg["rms_norm_eps"], cfg["rope_theta"]
     T = len(tokens)
-    positions = np.arange(T, dtype=np.float64)
+    scaling = cfg.get("rope_scaling") or {}
+    positions = np.arange(T, dtype=np.float64) / scaling.get("factor", 1.0)   # linear RoPE scaling
     causal = np.triu(np.full((T, T), -np.inf), k=1)
 
     x = w["model.embed_tokens.weight"][tokens]
@@ -54,4 +55,4 @@ def forward(w, cfg, tokens):
         gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
         x = x + (silu(gate) * up) @ w[p + "mlp.down_proj.weight"].T
     x = rms_norm(x, w["model.norm.weight"], eps)
-    return x @ w["lm_head.weight"].T
+    return x @ w.get("lm_head.weight", w["model.embed_tokens.weight"]).T   # tied embeddings reuse the input table

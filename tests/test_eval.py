@@ -261,3 +261,16 @@ def test_convert_quality_gate_fails_and_keeps_nothing(tmp_path, tiny_base, tiny_
     with pytest.raises(VerificationError, match="fails the quality gate"):
         run_convert(tiny_base, tmp_path / "q4.gguf", "Q4_K_M", tiny_adapter, verify_against_f16=True, max_kl=0.05)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_chat_style_uses_the_models_template(tmp_path, files, eval_engine):
+    item = read_task("medqa", files["medqa"], strict=False).items[0]
+    style = PromptStyle("chat", eval_engine.metadata["tokenizer.chat_template"], "Answer truthfully.")
+    prompt = style.build(item, [])
+    assert prompt.context.startswith("Below is an instruction that describes a task")
+    assert "### Instruction:\nAnswer truthfully." in prompt.context
+    assert prompt.context.endswith("D. Trypsin\nAnswer with the letter of the correct option only.\n\n### Response:\n")
+    assert prompt.continuations == ("A", "B", "C", "D")
+    result = evaluate(eval_engine, EvalConfig([("medqa", files["medqa"])], tmp_path, style="chat", quiet=True), "chat")
+    medqa = result["tasks"]["medqa"]
+    assert result["style"] == "chat" and medqa["n"] == 6 and "### Response:" in medqa["prompt_example"]
