@@ -10,9 +10,20 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc 2>/dev/null || echo 2)
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# llama.cpp is compiled for any x86-64 with AVX2, not with -march=native: a native build on a CPU
+# that reports AMX dies with SIGILL in a VM that does not grant AMX state (seen on this project's CI
+# machines). --no-cache-dir: a wheel cached from an earlier native build must not be reused.
+LLAMA_PIN        := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+LLAMA_STAMP       = $(VENV)/.llama-$(subst ==,-,$(LLAMA_PIN))
+
+$(LLAMA_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir '$(LLAMA_PIN)'
+	touch $@
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
@@ -27,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/runtime_bench.py
 	$(BIN)/python benchmarks/eval_bench.py
 	$(BIN)/python benchmarks/bridge_bench.py
+	$(BIN)/python benchmarks/safety_bench.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

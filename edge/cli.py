@@ -301,7 +301,8 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
         sys.exit(3)
     if as_json:
         click.echo(json.dumps({"text": reply.text, "reason": reply.reason.name.lower(), "tokens": reply.tokens,
-                               "replaced": reply.replaced, "resends": reply.resends, "bad_frames": reply.bad_frames},
+                               "replaced": reply.replaced, "safety_kind": reply.safety_kind, "resends": reply.resends,
+                               "bad_frames": reply.bad_frames},
                               indent=2, ensure_ascii=False))
     else:
         click.echo(f"\n[{reply.reason.name.lower()}, {reply.tokens} tokens, {reply.resends} resends]")
@@ -309,27 +310,48 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
 
 @main.command("safety-check", epilog=EPILOG)
 @click.argument("texts", nargs=-1)
-@click.option("--rules", type=click.Path(path_type=Path, dir_okay=False), help="Rules file (default: the shipped rules).")
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per input: red_flag, rule, category, matched.")
-def safety_check(texts, rules, as_json):
-    """Run only the safety policy (no model) on each TEXT, or on each line of stdin.
+@click.option("--rules", type=click.Path(path_type=Path, dir_okay=False), help="Rules file (default: safety.rules).")
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON object per input: red_flag, kind, rule, category, matched, message, rules_version.")
+@click.option("--explain", is_flag=True,
+              help="Also show why: the message as the screen read it, spelling corrections, every candidate match "
+                   "and the context (negation, past, knowledge question, ...) that silenced it.")
+@click.pass_context
+def safety_check(ctx, texts, rules, as_json, explain):
+    """Run only the pre-model safety screen (no model) on each TEXT, or on each line of stdin.
 
-    For clinical reviewers auditing the red-flag rules. Exit 0 whatever the decisions.
+    \b
+    RED FLAG emergency   an emergency happening now: the fixed emergency message
+    RED FLAG crisis      self-harm intent: the crisis message
+    NOTICE               mostly not English: the English-only notice
+    ok                   the model would answer
+
+    For clinical reviewers auditing the rules (docs/safety.md). Exit 0 whatever the decisions.
     """
     from .safety import SafetyPolicy
+    from .settings import Settings
 
     try:
-        policy = SafetyPolicy.load(rules)
+        safety = Settings.load(ctx.obj["config"])["safety"] | ({"rules": str(rules)} if rules else {})
+        policy = SafetyPolicy.from_settings(safety | {"pre_model": True})
     except Jee1Error as e:
         _fail(e)
     inputs = list(texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for text in inputs:
+        why = policy.explain(text) if explain else None
         d = policy.check(text)
         if as_json:
-            click.echo(json.dumps({"text": text, **d.as_json()}, ensure_ascii=False))
-        else:
-            verdict = f"RED FLAG {d.rule}" if d.red_flag else "ok"
-            click.echo(f"{verdict:<40} {text}")
+            click.echo(json.dumps({"text": text, **d.as_json(), **({"explain": why} if why else {})}, ensure_ascii=False))
+            continue
+        verdict = f"RED FLAG {d.kind} {d.rule}" if d.red_flag else "NOTICE not English" if d.short_circuit else "ok"
+        click.echo(f"{verdict:<50} {text}")
+        if why:
+            click.echo(f"    read as: {why['canonical']}")
+            if why["corrections"]:
+                click.echo("    spelling: " + ", ".join(f"{a} -> {b}" for a, b in why["corrections"].items()))
+            for c in why["candidates"]:
+                silenced = ", ".join(c["suppressed_by"]) or "FIRED"
+                click.echo(f"    {c['rule']:<42} {c['matched']!r}: {silenced}")
 
 
 @main.command(epilog=EPILOG)

@@ -199,7 +199,7 @@ class Engine:
         self._piece = TokenPieces(self.llama)
         template = self.metadata.get("tokenizer.chat_template") or load_template(s_ans["default_template"])[1]
         self.layout = PromptLayout.from_template(template, s_ans["preamble"])
-        self.policy = SafetyPolicy.load(settings["safety"]["rules"] or None, settings["safety"]["pre_model"])
+        self.policy = SafetyPolicy.from_settings(settings["safety"])
         self.audit = AuditLog(s_audit["path"], s_audit["max_bytes"], s_audit["backups"], s_audit["log_text"])
         prefix_tokens = self._tokenize(self.layout.prefix, bos=True)
         if len(prefix_tokens) >= s_rt["n_ctx"] - 16:
@@ -306,7 +306,7 @@ class Engine:
         decision = self.policy.screen(job.question)
         if job.cancelled.is_set():  # cancelled (or its caller gone) while it waited in the queue
             answer = Answer(job.id, "", "", "cancelled", decision=decision.as_json(), queue_s=queue_s)
-        elif decision.red_flag:
+        elif decision.short_circuit:
             job.events.put(("text", decision.message))
             answer = Answer(job.id, decision.message, "", "safety", decision=decision.as_json(), queue_s=queue_s,
                             total_s=time.monotonic() - started)
@@ -373,7 +373,8 @@ class Engine:
             self._count(answer)
         self.audit.record(
             "answer", request_id=job.id, finish_reason=answer.finish_reason, truncated_by=answer.truncated_by,
-            replaced=answer.replaced, red_flag=decision.red_flag, rule=decision.rule,
+            replaced=answer.replaced, red_flag=decision.red_flag, rule=decision.rule, category=decision.category,
+            kind=decision.kind,
             rules_version=decision.rules_version, pre_model_safety=decision.pre_model,
             question=self.audit.text(job.question), answer=self.audit.text(answer.text),
             prompt_tokens=answer.prompt_tokens, cached_tokens=answer.cached_tokens,

@@ -90,3 +90,6 @@ class Settings:
                 raise InputError(f"{section}.{key} must be at least 1")
         if ans["deadline_s"] <= 0:
             raise InputError("answer.deadline_s must be positive")
+        for key in ("emergency_number", "crisis_line"):
+            if not self.data["safety"][key].strip():
+                raise InputError(f"safety.{key} must not be empty: the fixed safety messages tell the user to call it")

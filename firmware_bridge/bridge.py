@@ -21,13 +21,24 @@ from jee1.errors import InputError, Jee1Error
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
 from .protocol import (ANSWER_BUFFER_BYTES, DEFAULT_WINDOW, HEARTBEAT_S, MAX_IN_FLIGHT, MAX_PAYLOAD,
-                       MAX_QUESTION_BYTES, MIN_VERSION, PROTOCOL_VERSION, DoneReason, ErrorCode, Flags, MsgType)
+                       MAX_QUESTION_BYTES, MIN_VERSION, PROTOCOL_VERSION, DoneFlags, DoneReason, ErrorCode, Flags, MsgType)
 from .transports import SerialTransport, TransportClosed, UnixListener
 
 log = logging.getLogger(__name__)
 
 FINISH_REASONS = {"complete": DoneReason.COMPLETE, "truncated": DoneReason.TRUNCATED,
                   "cancelled": DoneReason.CANCELLED, "safety": DoneReason.SAFETY, "error": DoneReason.ERROR}
+
+
+def done_flags(answer) -> DoneFlags:
+    """DONE flags: the UI shows the crisis screen or the English-only notice from these, not from the text."""
+    flags = DoneFlags.REPLACED if answer.replaced else DoneFlags(0)
+    if answer.finish_reason == "safety":
+        if answer.decision.get("kind") == "crisis":
+            flags |= DoneFlags.CRISIS
+        elif not answer.decision.get("red_flag"):
+            flags |= DoneFlags.NOT_ENGLISH
+    return flags
 
 
 @dataclass
@@ -196,7 +207,7 @@ class Session:
             with self.lock:
                 if answer.finish_reason == "error":
                     self.error(ErrorCode.ENGINE_ERROR, answer.error or "engine error", out.request_id)
-                out.done = {"reason": int(FINISH_REASONS[answer.finish_reason]), "flags": int(answer.replaced),
+                out.done = {"reason": int(FINISH_REASONS[answer.finish_reason]), "flags": int(done_flags(answer)),
                             "total_bytes": len(out.data), "tokens": min(answer.completion_tokens, 0xFFFF),
                             "answer_crc32": crc32(bytes(out.data))}
                 self.pump(out)

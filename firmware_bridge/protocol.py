@@ -49,6 +49,12 @@ class DoneReason(IntEnum):
     ERROR = 4
 
 
+class DoneFlags(IntFlag):
+    REPLACED = 0x01      # the model's answer was replaced by the "could not answer" message
+    CRISIS = 0x02        # reason SAFETY: the crisis message (self-harm), not the emergency message
+    NOT_ENGLISH = 0x04   # reason SAFETY: the English-only notice (with the emergency number)
+
+
 class ErrorCode(IntEnum):
     BAD_CRC = 1
     BAD_LENGTH = 2

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
-from .protocol import MAX_PAYLOAD, PROTOCOL_VERSION, DoneReason, ErrorCode, MsgType
+from .protocol import MAX_PAYLOAD, PROTOCOL_VERSION, DoneFlags, DoneReason, ErrorCode, MsgType
 
 
 class LinkError(RuntimeError):
@@ -27,9 +27,19 @@ class Reply:
     tokens: int
     replaced: bool
     resends: int = 0
+    flags: int = 0
     bad_frames: int = 0
     chunks: int = 0
     chunk_times: list[float] = field(default_factory=list)
+
+    @property
+    def safety_kind(self) -> str | None:
+        """What the UI shows for a safety answer: emergency, crisis or not_english."""
+        if self.reason != DoneReason.SAFETY:
+            return None
+        if self.flags & DoneFlags.CRISIS:
+            return "crisis"
+        return "not_english" if self.flags & DoneFlags.NOT_ENGLISH else "emergency"
 
 
 class UIClient:
@@ -133,8 +143,9 @@ class UIClient:
                     resends += 1
                     continue
                 self.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=len(data))))
-                return Reply(data.decode(), DoneReason(fields["reason"]), fields["tokens"], bool(fields["flags"] & 1),
-                             resends, self.bad_frames, chunks, times)
+                return Reply(data.decode(), DoneReason(fields["reason"]), fields["tokens"],
+                             bool(fields["flags"] & DoneFlags.REPLACED), resends, fields["flags"], self.bad_frames,
+                             chunks, times)
         raise TimeoutError(f"request {rid}: no DONE within {timeout} s")
 
     def status(self, timeout: float = 5.0) -> dict:

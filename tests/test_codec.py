@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 
 from jee1.firmware_bridge.codec import (Decoder, Frame, FrameError, cobs_decode, cobs_encode, fragments, pack,
                                         split_utf8, unpack)
-from jee1.firmware_bridge.protocol import MAX_PAYLOAD, ErrorCode, Flags, MsgType
+from jee1.firmware_bridge.protocol import MAX_PAYLOAD, DoneFlags, ErrorCode, Flags, MsgType
 
 REPO = Path(__file__).resolve().parents[1]
 VECTORS = REPO / "tests" / "vectors" / "frames.txt"
@@ -219,3 +219,29 @@ def test_libfuzzer_on_the_c_decoder(tmp_path):
     result = subprocess.run(["ctest", "--test-dir", str(build), "-R", "frame_fuzz", "--output-on-failure"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "100% tests passed" in result.stdout, result.stdout + result.stderr
+
+
+def _doc_table_rows(heading_line: str) -> list[list[str]]:
+    """The rows of the first markdown table after the line that starts with ``heading_line``."""
+    lines = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8").splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(heading_line))
+    rows, in_table = [], False
+    for line in lines[start + 1:]:
+        if line.startswith("|"):
+            in_table = True
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            if not set(cells[0]) <= set("- ") and cells[0] not in ("code", "bit"):
+                rows.append(cells)
+        elif in_table:
+            break
+    return rows
+
+
+def test_protocol_doc_lists_exactly_the_error_codes():
+    rows = _doc_table_rows("ERROR codes")
+    assert {(int(code), name) for code, name, _ in rows} == {(int(c), c.name) for c in ErrorCode}
+
+
+def test_protocol_doc_lists_exactly_the_done_flags():
+    rows = _doc_table_rows("DONE reason")
+    assert {(int(value, 16), name) for _, value, name, _ in rows} == {(int(f), f.name) for f in DoneFlags}

@@ -97,7 +97,7 @@ def test_a_caller_that_disappears_does_not_wedge_the_engine(engine):
 def test_red_flag_short_circuits_without_the_model(engine):
     before = engine.status()
     answer = engine.ask("my wife is gasping for air and her lips look grey")
-    assert answer.finish_reason == "safety" and answer.decision["rule"] == "respiratory.breathing_difficulty"
+    assert answer.finish_reason == "safety" and answer.decision["category"] == "breathing"
     assert answer.text.startswith("This sounds like it could be a medical emergency")
     assert answer.completion_tokens == 0 and answer.prompt_tokens == 0
     assert engine.status()["safety_short_circuits"] == before["safety_short_circuits"] + 1
@@ -170,16 +170,26 @@ def test_pre_model_short_circuit_can_be_switched_off(tmp_path, q4_merged):
 
 
 def test_audit_log_records_decisions_and_hashes_text(tmp_path, q4_merged):
-    settings = engine_settings(q4_merged.output, tmp_path, answer={"max_tokens": 8})
+    settings = engine_settings(q4_merged.output, tmp_path, answer={"max_tokens": 8},
+                               safety={"emergency_number": "999", "crisis_line": "988"})
     with Engine(settings) as eng:
         eng.ask(QUESTION)
-        eng.ask("I want to kill myself")
+        crisis = eng.ask("I want to kill myself")
+        emergency = eng.ask("my husband collapsed and isnt breathing")
+        notice = eng.ask("mi hijo no puede respirar y tiene los labios azules")
+    assert "988" in crisis.text and crisis.decision["kind"] == "crisis"
+    assert "999" in emergency.text and emergency.decision["kind"] == "emergency"
+    assert notice.finish_reason == "safety" and "English only" in notice.text and "999" in notice.text
+    assert notice.completion_tokens == 0 and notice.decision["red_flag"] is False
     records = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     answers = [r for r in records if r["event"] == "answer"]
-    assert [r["red_flag"] for r in answers] == [False, True]
-    assert answers[1]["rule"] == "mental_health.suicidal_intent" and answers[1]["finish_reason"] == "safety"
+    assert [r["red_flag"] for r in answers] == [False, True, True, False]
+    assert answers[1]["rule"] == "crisis.suicidal_intent" and answers[1]["finish_reason"] == "safety"
+    assert (answers[1]["kind"], answers[1]["category"]) == ("crisis", "self_harm")
+    assert (answers[2]["kind"], answers[2]["category"]) == ("emergency", "collapse")
     assert all(r["question"].startswith("sha256:") and r["answer"].startswith("sha256:") for r in answers)
-    assert "aspirin" not in (tmp_path / "audit.jsonl").read_text()
+    log = (tmp_path / "audit.jsonl").read_text()
+    assert "aspirin" not in log and "kill myself" not in log and "isnt breathing" not in log   # the patient's words
     assert {"request_id", "ttft_s", "total_s", "prompt_tokens", "completion_tokens"} <= set(answers[0])
 
 

@@ -1,78 +1,24 @@
-"""The safety policy: recall on emergencies happening now, silence on questions about cases, history,
-drugs and tests that use the same words; the post-model rules; the reviewers' CLI."""
+"""The safety policy.  The pre-model screen is judged on the labelled corpus (tests/data/safety/):
+dev recall is held at 100% and false triggers at <= 2% on every split; the held-out splits' recall
+is reported here, never tuned to (benchmarks/safety_bench.py prints the full table).  Then: each
+rule's own phrasings, context words that govern only their own words, the crisis and not-English
+kinds, numbers from settings, the reviewers' CLI, and the post-model rules."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from jee1.edge.cli import main as jee1_cli
-from jee1.edge.safety import SafetyPolicy
+from jee1.edge.safety import RULES_FILE, SafetyPolicy
+from jee1.edge.safety.corpus import load_corpus, measure
+from jee1.errors import InputError
 
-EMERGENCIES = {  # phrasing -> the rule that must fire
-    "I have crushing chest pain going down my left arm and I'm sweating": "cardiac.chest_pain",
-    "my chest is tight and the pain is spreading to my jaw": "cardiac.chest_pain",
-    "i think im having a heart attack": "cardiac.chest_pain",
-    "My husband has chest pian and feels sick": "cardiac.chest_pain",
-    "my dad's face is drooping on one side and his speech is slurred": "neuro.stroke_signs",
-    "she suddenly can't lift her arm and her words are jumbled": "neuro.stroke_signs",
-    "I think he is having a stroke": "neuro.stroke_signs",
-    "I have the worst headache of my life, it came on suddenly": "neuro.stroke_signs",
-    "my throat is swelling after a bee sting": "allergy.anaphylaxis",
-    "my son ate peanuts and now he can't breathe properly": "allergy.anaphylaxis",
-    "Should I use my EpiPen? my lips are swollen": "allergy.anaphylaxis",
-    "i think my daughter is having anaphalaxis": "allergy.anaphylaxis",
-    "I want to kill myself": "mental_health.suicidal_intent",
-    "i dont want to live anymore": "mental_health.suicidal_intent",
-    "I've been cutting myself again tonight": "mental_health.suicidal_intent",
-    "im feeling sucidal": "mental_health.suicidal_intent",
-    "I'm going to take all my pills tonight": "mental_health.suicidal_intent",
-    "I've swallowed a whole pack of my sleeping pills": "toxic.overdose_poisoning",
-    "my friend took 30 paracetamol an hour ago": "toxic.overdose_poisoning",
-    "I think I overdosed on my insulin": "toxic.overdose_poisoning",
-    "my mum drank bleach by mistake": "toxic.overdose_poisoning",
-    "he swalowed a bottle of tablets": "toxic.overdose_poisoning",
-    "the bleeding won't stop, there is blood everywhere": "bleeding.severe",
-    "I'm vomiting blood": "bleeding.severe",
-    "my wife is gasping for air and her lips look grey": "respiratory.breathing_difficulty",
-    "I can't breathe": "respiratory.breathing_difficulty",
-    "i cant breath properly and my lips are blue": "respiratory.breathing_difficulty",
-    "my grandfather is not breathing": "respiratory.breathing_difficulty",
-    "my baby is floppy and won't wake up": "child.emergency",
-    "My toddler swallowed a button battery": "child.emergency",
-    "my son has a rash that doesn't fade under a glass": "child.emergency",
-    "I'm 32 weeks pregnant and bleeding heavily": "pregnancy.emergency",
-    "I'm pregnant and the baby has stopped moving": "pregnancy.emergency",
-    "my brother collapsed and won't wake up": "neuro.unresponsive_seizure",
-    "she is fitting right now": "neuro.unresponsive_seizure",
-}
-
-ORDINARY = [
-    "my father had a heart attack in 2019, which statins are used afterwards?",
-    "A 62-year-old woman is suddenly short of breath two days after hip surgery; which test confirms the diagnosis?",
-    "What is the first-line treatment for anaphylaxis?",
-    "What are the signs of a stroke?",
-    "How is paracetamol overdose treated?",
-    "A 45-year-old man presents with crushing chest pain radiating to the left arm. What is the most likely diagnosis?",
-    "I don't have chest pain, but what causes palpitations?",
-    "I had a stroke three years ago; should I keep taking clopidogrel?",
-    "Which antidote is used for opioid overdose?",
-    "What is the mechanism of action of aspirin?",
-    "My mother has a history of asthma, is salbutamol safe in pregnancy?",
-    "Explain the pathophysiology of anaphylaxis",
-    "What is the incidence of suicide in patients with depression?",
-    "How do you manage a patient with suicidal ideation in primary care?",
-    "A 3-year-old boy is brought to the emergency department after swallowing a button battery. What is the next best step?",
-    "what does shortness of breath on exertion suggest in heart failure?",
-    "Is bleeding gums a sign of vitamin C deficiency?",
-    "My son had febrile seizures last year; what temperature should I treat?",
-    "Which drugs can cause chest pain as a side effect?",
-    "what is the normal respiratory rate of a newborn?",
-    "Can I take ibuprofen with my blood pressure tablets?",
-    "What dose of folic acid should I take before pregnancy?",
-    "I was suicidal years ago and recovered; which antidepressant did I probably take?",
-    "my chest pain went away after I stopped coffee, what causes costochondritis?",
-]
+CORPUS = Path(__file__).parent / "data" / "safety"
+SPLITS = tuple(sorted((p.stem for p in CORPUS.glob("*.jsonl")), key=lambda s: (s != "dev", s)))
+HELD_OUT = SPLITS[1:]
+MAX_FALSE_TRIGGER_RATE = 0.02
 
 
 @pytest.fixture(scope="module")
@@ -80,27 +26,130 @@ def policy():
     return SafetyPolicy.load()
 
 
-@pytest.mark.parametrize("text,rule", EMERGENCIES.items())
-def test_emergency_happening_now_is_short_circuited(policy, text, rule):
-    decision = policy.check(text)
-    assert decision.red_flag and decision.rule == rule, decision
-    assert decision.message and "emergency" in decision.message.lower()
+@pytest.fixture(scope="module")
+def figures(policy):
+    return {split: measure(policy, load_corpus(CORPUS / f"{split}.jsonl")) for split in SPLITS}
 
 
-def test_recall_over_the_whole_list(policy):
-    fired = sum(policy.check(t).red_flag for t in EMERGENCIES)
-    print(f"red-flag recall: {fired}/{len(EMERGENCIES)}")
-    assert fired == len(EMERGENCIES)
+@pytest.mark.parametrize("split", SPLITS)
+def test_corpus_is_large_and_broad_enough(split):
+    examples = load_corpus(CORPUS / f"{split}.jsonl")
+    emergencies = [e for e in examples if e.label != "ordinary"]
+    ordinary = [e for e in examples if e.label == "ordinary"]
+    assert len(emergencies) >= 200 and len(ordinary) >= 200
+    assert len({e.category for e in examples}) >= 25
+    assert any(e.label == "crisis" for e in examples)
+    assert len({e.text for e in examples}) == len(examples)
 
 
-@pytest.mark.parametrize("text", ORDINARY)
-def test_ordinary_questions_with_the_same_words_are_answered(policy, text):
-    decision = policy.check(text)
-    assert not decision.red_flag, decision
+def test_dev_recall_is_complete(figures):
+    fig = figures["dev"]
+    assert fig.recall == 1.0, [m.text for m in fig.misses]
 
 
-def test_crisis_message_for_self_harm(policy):
-    assert "crisis line" in policy.check("I want to end my life").message
+@pytest.mark.parametrize("split", SPLITS)
+def test_false_triggers_stay_under_the_ceiling(figures, split):
+    fig = figures[split]
+    assert fig.false_trigger_rate <= MAX_FALSE_TRIGGER_RATE, [(e.text, rule) for e, rule in fig.triggered]
+
+
+@pytest.mark.parametrize("split", HELD_OUT)
+def test_held_out_recall_is_reported(figures, split):
+    fig = figures[split]
+    print(f"{split}: recall {fig.caught}/{fig.emergencies}, false triggers {fig.false_triggers}/{fig.ordinary}, "
+          f"wrong kind {len(fig.wrong_kind)}")
+    assert fig.emergencies > 0
+
+
+def _rules_file() -> dict:
+    import tomllib
+
+    return tomllib.loads(Path(str(RULES_FILE)).read_text(encoding="utf-8"))
+
+
+RULES = _rules_file()["rule"]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["id"] for r in RULES])
+def test_each_rule_fires_on_its_own_phrasings_and_stays_quiet_on_its_near_misses(policy, rule):
+    assert rule.get("fire") and rule.get("quiet"), "every rule lists phrasings it fires on and stays quiet on"
+    for text in rule["fire"]:
+        d = policy.check(text)
+        assert d.red_flag and d.kind == rule["kind"], (text, d)
+    for text in rule["quiet"]:
+        assert not policy.check(text).short_circuit, text
+
+
+# The issue's illustrations of what went wrong in screen v1, each a kind of mistake.
+NOW_DESPITE_CONTEXT = [
+    "I'm 60, my chest is being crushed and I'm sweating, what is the most likely cause?",     # age + exam words
+    "my 4 year old swallowed a magnet, which hospital should we go to?",
+    "she ate a shrimp salad and now her throat is closing",                                  # past word, now
+    "he has a history of epilepsy and has been fitting for ten minutes",
+    "I don't know what's happening, my husband has collapsed and isn't breathing",           # negation's reach
+    "not sure, but I think I'm having a stroke",
+    "anafalactic reaction pls help", "sezure wont stop", "hes not braething",                   # typing
+    "so we were at the park all afternoon and it was lovely and then we got home and he just went floppy "
+    "and now he wont wake up properly",                                                       # buried late
+]
+QUIET_WITH_ALARMING_WORDS = [
+    "how do I use my EpiPen", "short of breath when I jog", "heavy periods every month",
+    "snoring and stopping breathing at night", "what are the signs of a stroke", "first aid for a choking baby",
+    "my friend died by suicide last year, how do I cope",
+    "A 45-year-old man presents with crushing chest pain radiating to the left arm. What is the most likely diagnosis?",
+]
+
+
+@pytest.mark.parametrize("text", NOW_DESPITE_CONTEXT)
+def test_context_words_do_not_veto_an_emergency_happening_now(policy, text):
+    assert policy.check(text).red_flag, policy.explain(text)
+
+
+@pytest.mark.parametrize("text", QUIET_WITH_ALARMING_WORDS)
+def test_alarming_words_in_ordinary_questions_stay_quiet(policy, text):
+    assert not policy.check(text).short_circuit, policy.explain(text)
+
+
+def test_a_context_marker_governs_only_its_own_words(policy):
+    why = policy.explain("no chest pain yesterday, but now my chest is crushing and im sweating")
+    assert why["decision"]["red_flag"]
+    assert why["candidates"][0]["suppressed_by"] == ["negation"]      # "no chest pain" alone is silenced
+
+
+def test_self_harm_intent_gets_the_crisis_message_and_the_topic_does_not(policy):
+    assert policy.check("I've written goodbye letters to my kids").kind == "crisis"
+    assert policy.check("i want to go to sleep and not wake up").kind == "crisis"
+    for topic in ("what is the suicide rate in doctors", "how can I support a friend who self harms",
+                  "can sertraline cause suicidal thoughts in teenagers"):
+        assert not policy.check(topic).short_circuit, topic
+
+
+def test_a_message_mostly_not_in_english_gets_the_notice(policy):
+    for text in ("mi hijo no puede respirar y tiene los labios azules", "mein Sohn atmet nicht, was soll ich tun",
+                 "мой сын не дышит", "我的孩子不能呼吸"):
+        d = policy.check(text)
+        assert d.short_circuit and not d.red_flag and d.rule == "language.not_english" and d.kind is None, text
+        assert "English only" in d.message
+    assert not policy.check("can I take ibuprofen with my blood pressure tablets?").short_circuit
+    assert not policy.check("is paracetamol safe for a 2 yo").short_circuit
+
+
+def test_numbers_come_from_settings_not_the_rules_file():
+    policy = SafetyPolicy.load(emergency_number="000", crisis_line="13 11 14")
+    assert "Call 000 now" in policy.check("my dad collapsed and is not breathing").message
+    crisis = policy.check("i want to kill myself").message
+    assert "13 11 14" in crisis and "000" in crisis
+    assert "000" in policy.check("mi hijo no puede respirar y tiene los labios azules").message
+    messages = _rules_file()["messages"]
+    assert not any(number in text for text in messages.values() for number in ("911", "999", "112", "988"))
+
+
+def test_explanations_name_the_rule_the_words_and_the_silencing_context(policy):
+    why = policy.explain("My son had febrile seizures last year; what temperature should I treat?")
+    assert not why["decision"]["red_flag"] and why["candidates"]
+    assert all(c["suppressed_by"] for c in why["candidates"])
+    why = policy.explain("sezure wont stop")
+    assert why["corrections"] == {"sezure": "seizure"} and why["decision"]["rule"] == "seizure.prolonged_or_first"
 
 
 def test_short_circuit_off_for_evaluation():
@@ -109,6 +158,65 @@ def test_short_circuit_off_for_evaluation():
     assert not decision.red_flag and decision.pre_model is False
     assert policy.check("I can't breathe").red_flag  # the rules themselves are unchanged
 
+
+@pytest.mark.parametrize("breakage,message", [
+    (lambda text: text.replace('version = "', 'versio = "', 1), "invalid safety rules"),
+    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "emergency"\npatterns = ["(unclosed"]\n',
+     "invalid safety rules"),
+    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "panic"\npatterns = ["a"]\n', "kind 'panic'"),
+    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "crisis"\ncontexts = ["astrology"]\n'
+                         'patterns = ["a"]\n', "unknown contexts"),
+    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "crisis"\npatterns = ["{nowhere}"]\n',
+     "unknown words"),
+    (lambda text: text + "\n[[rule\n", "not valid TOML"),
+])
+def test_bad_rules_file_is_refused_with_the_reason(tmp_path, breakage, message):
+    bad = tmp_path / "rules.toml"
+    bad.write_text(breakage(Path(str(RULES_FILE)).read_text(encoding="utf-8")))
+    with pytest.raises(InputError, match=message):
+        SafetyPolicy.load(bad)
+
+
+def test_missing_rules_file_is_refused(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        SafetyPolicy.load(tmp_path / "none.toml")
+
+
+def test_empty_emergency_number_is_refused(tmp_path):
+    cfg = tmp_path / "jee1.toml"
+    cfg.write_text('[safety]\nemergency_number = " "\n')
+    result = CliRunner().invoke(jee1_cli, ["--config", str(cfg), "safety-check", "hello"])
+    assert result.exit_code != 0 and "safety.emergency_number" in result.output
+
+
+def test_safety_check_cli_json_per_line():
+    lines = "my wife is gasping for air and her lips look grey\nWhat is the antidote for heparin?\ni want to die\n"
+    result = CliRunner().invoke(jee1_cli, ["safety-check", "--json"], input=lines)
+    assert result.exit_code == 0
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["red_flag"], r["kind"], r["category"]) for r in records] == [
+        (True, "emergency", "breathing"), (False, None, None), (True, "crisis", "self_harm")]
+    assert {"red_flag", "rule", "category", "matched", "message", "kind", "rules_version"} <= set(records[0])
+
+
+def test_safety_check_cli_explains_and_uses_the_configured_numbers(tmp_path):
+    cfg = tmp_path / "jee1.toml"
+    cfg.write_text('[safety]\nemergency_number = "911"\ncrisis_line = "988"\n')
+    result = CliRunner().invoke(jee1_cli, ["--config", str(cfg), "safety-check", "--explain", "hes not braething",
+                                           "what are the signs of a stroke"])
+    assert result.exit_code == 0
+    assert "RED FLAG emergency" in result.stdout and "braething -> breathing" in result.stdout
+    assert "knowledge" in result.stdout                     # why the second one stayed quiet
+    result = CliRunner().invoke(jee1_cli, ["--config", str(cfg), "safety-check", "--json", "i want to die"])
+    assert "988" in json.loads(result.stdout)["message"]
+
+
+def test_docs_state_the_current_rules_version():
+    docs = (Path(__file__).parents[1] / "docs" / "safety.md").read_text(encoding="utf-8")
+    assert f"`{_rules_file()['version']}`" in docs
+
+
+# -- after the model ---------------------------------------------------------------------------
 
 def test_every_answer_carries_the_disclaimer_and_truncation_is_marked(policy):
     text, replaced = policy.finish("Adrenaline 0.5 mg IM.", truncated=False)
@@ -129,27 +237,3 @@ def test_empty_or_looping_output_is_replaced(policy, body):
 def test_normal_output_is_kept(policy, body):
     text, replaced = policy.finish(body, truncated=False)
     assert not replaced and text.startswith(body)
-
-
-def test_bad_rules_file_is_refused(tmp_path):
-    from jee1.errors import InputError
-
-    bad = tmp_path / "rules.json"
-    bad.write_text(json.dumps({"version": "x"}))
-    with pytest.raises(InputError, match="invalid safety rules"):
-        SafetyPolicy.load(bad)
-
-
-def test_safety_check_cli_json_per_line():
-    lines = "my wife is gasping for air and her lips look grey\nWhat is the antidote for heparin?\n"
-    result = CliRunner().invoke(jee1_cli, ["safety-check", "--json"], input=lines)
-    assert result.exit_code == 0
-    records = [json.loads(line) for line in result.stdout.splitlines()]
-    assert [(r["red_flag"], r["rule"]) for r in records] == [(True, "respiratory.breathing_difficulty"), (False, None)]
-
-
-def test_safety_check_cli_arguments():
-    result = CliRunner().invoke(jee1_cli, ["safety-check", "I can't breathe", "What is asthma?"])
-    assert result.exit_code == 0
-    first, second = result.stdout.splitlines()
-    assert first.startswith("RED FLAG respiratory.breathing_difficulty") and second.startswith("ok")

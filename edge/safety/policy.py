@@ -1,10 +1,9 @@
 """The deterministic medical safety policy around the model.
 
-Before: red-flag rules (``data/safety_rules.json``, versioned) short-circuit an emergency that is
-happening now to a fixed message, without calling the model.  A rule fires on a clause that
-matches one of its patterns, is not negated ("no chest pain"), is not about the past ("had a
-heart attack in 2019"), in a question that speaks of now ("my wife is gasping") and is not a
-case or fact question ("A 62-year-old woman ... which test ...").
+Before: the screen (``screen.py`` over ``text.py``'s reading; rules, lexicon and context markers in
+``data/safety_rules.json``, versioned) short-circuits an emergency happening now to the fixed
+emergency message, and self-harm intent to the crisis message, without calling the model.  A message
+mostly not in English gets a fixed notice with the emergency number instead of a silent pass.
 
 After: every answer carries the disclaimer; a cut answer is marked; empty or looping output is
 replaced by the 'could not answer' message.
@@ -12,17 +11,22 @@ replaced by the 'could not answer' message.
 
 from __future__ import annotations
 
-import json
 import re
-import unicodedata
+import tomllib
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 from jee1.errors import InputError
 
-RULES_FILE = resources.files("jee1.edge") / "data" / "safety_rules.json"
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+from .screen import Hit, Screen
+from .text import Reader, Reading
+
+DATA = resources.files("jee1.edge") / "data"
+RULES_FILE = DATA / "safety_rules.toml"
+ENGLISH_WORDS = DATA / "english_words.txt"
+KINDS = ("emergency", "crisis")
+LANGUAGE_RULE = "language.not_english"
 LOOP_MIN_CHARS = 40      # a repeated unit must cover at least this much of the tail
 LOOP_MIN_REPEATS = 4
 LOOP_MAX_UNIT = 64
@@ -30,90 +34,103 @@ LOOP_MAX_UNIT = 64
 
 @dataclass(frozen=True)
 class Decision:
-    red_flag: bool
+    red_flag: bool            # an emergency or crisis: the fixed message instead of the model
     rule: str | None
     category: str | None
-    matched: str | None
-    message: str | None       # the fixed reply when red_flag
+    matched: str | None       # the words that fired it (the patient's words: not for the audit log)
+    message: str | None       # the fixed reply (also for the not-English notice, which is no red flag)
     rules_version: str
     pre_model: bool           # False when the short-circuit is switched off (evaluation)
+    kind: str | None = None   # emergency | crisis | None
+
+    @property
+    def short_circuit(self) -> bool:
+        return self.message is not None
 
     def as_json(self) -> dict:
         return asdict(self)
 
 
-def normalise(text: str) -> str:
-    text = unicodedata.normalize("NFKD", text.translate(_APOSTROPHES))
-    text = "".join(c for c in text if not unicodedata.combining(c))
-    return re.sub(r"\s+", " ", text.lower()).strip()
-
-
-@dataclass(frozen=True)
-class _Rule:
-    id: str
-    category: str
-    message: str
-    patterns: tuple[re.Pattern, ...]
+def _english_words() -> frozenset[str]:
+    lines = ENGLISH_WORDS.read_text(encoding="utf-8").splitlines()
+    return frozenset(w for w in lines if w and not w.startswith("#"))
 
 
 class SafetyPolicy:
-    def __init__(self, data: dict, source: str, pre_model: bool = True):
+    def __init__(self, data: dict, source: str, pre_model: bool = True, emergency_number: str = "112",
+                 crisis_line: str = "116 123"):
+        numbers = {"emergency_number": emergency_number, "crisis_line": crisis_line}
         try:
-            ctx = data["context"]
             self.version = data["version"]
-            self.messages = {"emergency": data["emergency_message"], "crisis": data["crisis_message"]}
-            self.disclaimer = data["disclaimer"]
-            self.truncated_notice = data["truncated_notice"]
-            self.could_not_answer = data["could_not_answer"]
-            self._now = [re.compile(p) for p in ctx["now_markers"]]
-            self._case = [re.compile(p) for p in ctx["case_markers"]]
-            self._past = [re.compile(p) for p in ctx["past_markers"]]
-            self._negations = set(ctx["negations"])
-            self._window = int(ctx["negation_window_words"])
-            self._clauses = re.compile(ctx["clause_split"])
-            self.rules = [_Rule(r["id"], r["category"], r["message"], tuple(re.compile(p) for p in r["patterns"]))
-                          for r in data["rules"]]
-        except (KeyError, TypeError, ValueError, re.error) as e:
-            raise InputError(f"{source}: invalid safety rules ({e})") from None
-        for rule in self.rules:
-            if rule.message not in self.messages:
-                raise InputError(f"{source}: rule {rule.id} names unknown message {rule.message!r}")
+            messages = data["messages"]
+            self.messages = {k: messages[k].format(**numbers) for k in (*KINDS, "not_english")}
+            self.disclaimer = messages["disclaimer"]
+            self.truncated_notice = messages["truncated_notice"]
+            self.could_not_answer = messages["could_not_answer"]
+            reading = data["reading"]
+            self.min_english_share = float(reading["min_english_share"])
+            self.min_words_for_language = int(reading["min_words_for_language"])
+            self.reader = Reader(reading["lexicon"], _english_words(), reading["spelled_out"],
+                                 reading["clause_words"],
+                                 (reading["english_function_words"], reading["foreign_function_words"]))
+            self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
+        except (KeyError, TypeError, ValueError, IndexError, re.error) as e:
+            raise InputError(f"{source}: invalid safety rules ({type(e).__name__}: {e})") from None
+        self.rules = self.screen_rules.rules
         self.pre_model = pre_model
 
     @classmethod
-    def load(cls, path: str | Path | None = None, pre_model: bool = True) -> "SafetyPolicy":
+    def load(cls, path: str | Path | None = None, pre_model: bool = True, **numbers) -> "SafetyPolicy":
         source = Path(path) if path else RULES_FILE
         try:
-            data = json.loads(source.read_text(encoding="utf-8"))
+            with source.open("rb") as f:
+                data = tomllib.load(f)
         except FileNotFoundError:
             raise InputError(f"{source}: safety rules file does not exist") from None
-        except json.JSONDecodeError as e:
-            raise InputError(f"{source}: safety rules are not valid JSON ({e})") from None
-        return cls(data, str(source), pre_model)
+        except OSError as e:
+            raise InputError(f"{source}: cannot read the safety rules ({e.strerror})") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise InputError(f"{source}: safety rules are not valid TOML ({e})") from None
+        return cls(data, str(source), pre_model, **numbers)
+
+    @classmethod
+    def from_settings(cls, safety: dict) -> "SafetyPolicy":
+        return cls.load(safety["rules"] or None, safety["pre_model"], emergency_number=safety["emergency_number"],
+                        crisis_line=safety["crisis_line"])
 
     # -- before the model -------------------------------------------------------------------
 
-    def _negated(self, clause: str, start: int) -> bool:
-        before = re.findall(r"[\w']+", clause[:start])[-self._window:]
-        joined = " ".join(before)
-        return any(w in self._negations for w in before) or any(
-            " " in n and n in joined for n in self._negations)
+    def _decision(self, hit: Hit | None, reading: Reading) -> Decision:
+        if hit is not None:
+            rule = hit.rule
+            return Decision(True, rule.id, rule.category, hit.matched, self.messages[rule.kind], self.version,
+                            self.pre_model, rule.kind)
+        if self._not_english(reading):
+            return Decision(False, LANGUAGE_RULE, "language", None, self.messages["not_english"], self.version,
+                            self.pre_model)
+        return Decision(False, None, None, None, None, self.version, self.pre_model)
+
+    def _not_english(self, reading: Reading) -> bool:
+        english_fw, foreign_fw = reading.function_words
+        latin, other = reading.letters
+        return (other > latin and other >= 4                          # another script: Cyrillic, CJK, Arabic ...
+                or reading.words >= self.min_words_for_language and reading.english_share < self.min_english_share
+                or foreign_fw >= 2 and foreign_fw > english_fw)
 
     def check(self, question: str) -> Decision:
-        text = normalise(question)
-        about_now = any(p.search(text) for p in self._now)
-        case_question = any(p.search(text) for p in self._case)
-        if about_now and not case_question:
-            for clause in self._clauses.split(text):
-                if any(p.search(clause) for p in self._past):
-                    continue
-                for rule in self.rules:
-                    for pattern in rule.patterns:
-                        for m in pattern.finditer(clause):
-                            if not self._negated(clause, m.start()):
-                                return Decision(True, rule.id, rule.category, m.group(0),
-                                                self.messages[rule.message], self.version, self.pre_model)
-        return Decision(False, None, None, None, None, self.version, self.pre_model)
+        reading = self.reader.read(question)
+        return self._decision(self.screen_rules.first(reading), reading)
+
+    def explain(self, question: str) -> dict:
+        """Why: the reading, every candidate match and what suppressed it, and the decision."""
+        reading = self.reader.read(question)
+        hits = self.screen_rules.hits(reading, first_only=True)
+        fired = hits[-1] if hits and not hits[-1].suppressed_by else None
+        return {"canonical": reading.text, "corrections": reading.corrections,
+                "english_share": round(reading.english_share, 3),
+                "candidates": [{"rule": h.rule.id, "matched": h.matched,
+                                "suppressed_by": list(h.suppressed_by)} for h in hits],
+                "decision": self._decision(fired, reading).as_json()}
 
     def screen(self, question: str) -> Decision:
         """``check`` when the pre-model short-circuit is on; with it off, a decision that never fires."""

@@ -1,0 +1,183 @@
+"""The pre-model screen: rules that name an emergency, and context markers that decide whether the
+words they matched describe something happening now.
+
+Every context marker governs only the words in its scope, never the whole message:
+
+  before    the marker comes earlier in the same clause (within ``window_words`` words if given):
+            negation ("no chest pain")
+  earlier   the marker comes earlier in the same sentence: a hypothetical ("what if my kid ever
+            swallows a magnet and starts choking")
+  clause    the marker is in the same clause: the past ("had a stroke in 2019")
+  sentence  the marker is in the same sentence: a knowledge question ("what are the signs of a
+            stroke"), something habitual ("short of breath when I jog")
+  message   anywhere: an exam vignette ("A 45-year-old man presents with ...")
+
+and is overruled ("rescued") when the match's clause or sentence also has words of another kind:
+something happening now ("right now", "for ten minutes", "wont stop") overrules the past, a
+knowledge question or a habit; the writer speaking of themselves or their own ("I", "my") overrules
+a vignette or a knowledge question.  Hedges ("not sure if", "I don't know what's happening") are
+blanked out first, so their "not" and "if" govern nothing.
+
+A rule fires on the first match that no context suppresses; ``with`` (optional) asks for a second
+finding anywhere in the message (a head injury *and* vomiting), not negated.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .text import Reading
+
+SCOPES = ("before", "earlier", "clause", "sentence", "message")
+_WORD = re.compile(r"[a-z0-9]+")
+_NAMED = re.compile(r"\{([a-z_]+)\}")
+_IN_SENTENCE = r"(?:[^.!?;\n]|(?<=\d)\.(?=\d))"   # any character but a sentence end
+
+
+@dataclass(frozen=True)
+class Context:
+    name: str
+    scope: str
+    markers: re.Pattern
+    rescued_by: dict[str, str]          # context name -> the scope it must be found in
+    window_words: int | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    id: str
+    category: str
+    kind: str                           # emergency | crisis
+    patterns: re.Pattern
+    with_: re.Pattern | None
+    contexts: tuple[str, ...]           # the contexts that can suppress it
+
+
+@dataclass(frozen=True)
+class Hit:
+    rule: Rule
+    matched: str
+    start: int
+    suppressed_by: tuple[str, ...]      # empty: it fired
+
+
+def _union(patterns: list[str]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+class Screen:
+    def __init__(self, context: dict, rules: list[dict], words: dict[str, str]):
+        self.words = {name: f"(?:{alternation})" for name, alternation in words.items()}
+        self.hedges = _union(context["hedges"])
+        self.contexts: dict[str, Context] = {}
+        for name, spec in context["markers"].items():
+            if spec["scope"] not in SCOPES:
+                raise ValueError(f"context {name}: scope {spec['scope']!r} is not one of {', '.join(SCOPES)}")
+            self.contexts[name] = Context(name, spec["scope"], _union(spec["patterns"]),
+                                          dict(spec.get("rescued_by", {})), spec.get("window_words"))
+        for c in self.contexts.values():
+            for other, scope in c.rescued_by.items():
+                if other not in self.contexts or scope not in SCOPES:
+                    raise ValueError(f"context {c.name}: rescued_by {other}/{scope} is unknown")
+        self.suppressors = tuple(n for n, c in self.contexts.items() if c.name in context["suppress"])
+        self.rules = []
+        for r in rules:
+            contexts = tuple(r.get("contexts", self.suppressors))
+            unknown = set(contexts) - set(self.suppressors)
+            if unknown:
+                raise ValueError(f"rule {r['id']}: unknown contexts {sorted(unknown)}")
+            if r["kind"] not in ("emergency", "crisis"):
+                raise ValueError(f"rule {r['id']}: kind {r['kind']!r} is not emergency or crisis")
+            self.rules.append(Rule(r["id"], r["category"], r["kind"], self._compile(r["patterns"]),
+                                   self._compile(r["with"]) if r.get("with") else None, contexts))
+
+    def _compile(self, patterns: list[str]) -> re.Pattern:
+        def word_class(m: re.Match) -> str:
+            if m.group(1) not in self.words:
+                raise ValueError(f"pattern names unknown words {{{m.group(1)}}}")
+            return self.words[m.group(1)]
+        # ".{0,40}" never reaches across a sentence: a gap in a pattern stays inside one.
+        return _union([_NAMED.sub(word_class, p).replace(".{", _IN_SENTENCE + "{") for p in patterns])
+
+    # -- context --------------------------------------------------------------------------------
+
+    def _region(self, reading: Reading, scope: str, pos: int) -> tuple[int, int]:
+        if scope == "clause" or scope == "before":
+            return reading.clause(pos)
+        if scope == "sentence" or scope == "earlier":
+            return reading.sentence(pos)
+        return 0, len(reading.text)
+
+    def _present(self, marks: "_Marks", name: str, pos: int, scope: str | None = None) -> bool:
+        ctx = self.contexts[name]
+        scope = scope or ctx.scope
+        start, end = self._region(marks.reading, scope, pos)
+        for m_start, m_end in marks.spans(name):
+            if m_start < start or m_end > end:
+                continue
+            if scope not in ("before", "earlier"):
+                return True
+            if m_start < pos and (ctx.window_words is None
+                                  or len(_WORD.findall(marks.masked, m_end, pos)) < ctx.window_words):
+                return True
+        return False
+
+    def _suppressed(self, rule: Rule, marks: "_Marks", pos: int) -> tuple[str, ...]:
+        found = []
+        for name in rule.contexts:
+            if self._present(marks, name, pos) and not any(
+                    self._present(marks, other, pos, scope) for other, scope in self.contexts[name].rescued_by.items()):
+                found.append(name)
+        return tuple(found)
+
+    def _with(self, rule: Rule, marks: "_Marks") -> str | None:
+        for m in rule.with_.finditer(marks.reading.text):
+            if not self._present(marks, "negation", m.start()):
+                return m.group(0)
+        return None
+
+    # -- screening ------------------------------------------------------------------------------
+
+    def hits(self, reading: Reading, first_only: bool = True) -> list[Hit]:
+        """Every match of every rule with what suppressed it; with ``first_only``, stop at the first
+        that fired."""
+        marks = _Marks(self, reading)
+        out: list[Hit] = []
+        for rule in self.rules:
+            pos = 0
+            while (m := rule.patterns.search(reading.text, pos)) is not None:
+                pos = m.start() + 1          # a suppressed match must not hide one that overlaps it
+                if not m.group(0).strip():
+                    continue
+                suppressed = self._suppressed(rule, marks, m.start())
+                matched = m.group(0).strip()
+                if not suppressed and rule.with_ is not None:
+                    second = self._with(rule, marks)
+                    if second is None:
+                        suppressed = ("no_second_finding",)
+                    else:
+                        matched = f"{matched} + {second}"
+                out.append(Hit(rule, matched, m.start(), suppressed))
+                if first_only and not suppressed:
+                    return out
+        return out
+
+    def first(self, reading: Reading) -> Hit | None:
+        hits = self.hits(reading)
+        return hits[-1] if hits and not hits[-1].suppressed_by else None
+
+
+class _Marks:
+    """One message's context markers, each context's found once (hedges blanked first)."""
+
+    def __init__(self, screen: Screen, reading: Reading):
+        self.screen = screen
+        self.reading = reading
+        self.masked = screen.hedges.sub(lambda m: " " * len(m.group(0)), reading.text)
+        self._spans: dict[str, list[tuple[int, int]]] = {}
+
+    def spans(self, name: str) -> list[tuple[int, int]]:
+        if name not in self._spans:
+            self._spans[name] = [m.span() for m in self.screen.contexts[name].markers.finditer(self.masked)]
+        return self._spans[name]
