@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from jee1 import __version__
 from jee1.errors import EXIT_CODES, Jee1Error
 from jee1.prompts import DEFAULT_TEMPLATE, template_names
 
@@ -31,6 +32,7 @@ def _terminate(signum, _frame):
 
 
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="jee1-convert")
 @click.argument("base_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path, file_okay=False),
               help="PEFT LoRA/QLoRA adapter directory (adapter_config.json + adapter_model.safetensors). "

@@ -168,7 +168,11 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     tag = f".{out.name}.{os.getpid()}"
     tmp_final = out.with_name(f"{tag}.partial")
     tmp_written = out.with_name(f"{tag}.f16.partial") if quant.needs_llama_quantizer else tmp_final
-    kept = out.with_name(out.name.removesuffix(".gguf") + ".F16.gguf") if opts.keep_intermediate else None
+    kept = None
+    if opts.keep_intermediate and quant.needs_llama_quantizer:
+        kept = out.with_name(out.name.removesuffix(".gguf") + ".F16.gguf")
+    elif opts.keep_intermediate:
+        log.warning("--keep-intermediate: %s is written directly, there is no intermediate to keep", quant.name)
     result = ConvertResult(out, manifest_path(out), {}, None, None)  # type: ignore[arg-type]
     try:
         source_bytes = sum(checkpoint.tensors[spec.hf_name][1].nbytes for spec, _, _ in plan)

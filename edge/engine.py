@@ -126,6 +126,13 @@ class Request:
         return self.answer
 
 
+# Never sent to the UI: C0/C1 controls other than tab and newline, and the bidirectional and
+# zero-width format characters that can hide or reorder text on a screen.
+_INVISIBLE = dict.fromkeys([*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0),
+                            0x200B, 0x200C, 0x200D, 0x200E, 0x200F, *range(0x202A, 0x202F),
+                            *range(0x2066, 0x206A), 0xFEFF])
+
+
 class _Stream:
     """Token bytes -> text: UTF-8 decoded across token boundaries, stop sequences held back,
     leading and trailing whitespace never sent.  What was sent always equals ``text`` at the end."""
@@ -139,7 +146,7 @@ class _Stream:
         self.stopped = False
 
     def feed(self, piece: bytes, final: bool = False) -> str:
-        new = self._decoder.decode(piece, final=final)
+        new = self._decoder.decode(piece, final=final).translate(_INVISIBLE)
         if not self.text:
             new = new.lstrip()
         self.text += new

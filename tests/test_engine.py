@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import engine_settings
-from jee1.edge.engine import Busy, Engine, _Stream
+from jee1.edge.engine import _INVISIBLE, Busy, Engine, _Stream
 
 QUESTION = "Which enzyme does aspirin inhibit?"
 
@@ -212,13 +212,22 @@ from hypothesis import given, settings as hsettings, strategies as st  # noqa: E
        stop=st.sampled_from([[], ["###"], ["\n\n", "END"]]))
 def test_stream_reassembles_any_split(text, cuts, stop):
     """Whatever the token boundaries (even inside a UTF-8 sequence), what is sent is exactly the
-    text, stripped, cut before the first stop sequence."""
+    text without control and invisible format characters, stripped, cut before the first stop
+    sequence."""
     raw = text.encode()
     bounds = sorted({c % (len(raw) + 1) for c in cuts} | {0, len(raw)})
     stream = _Stream(stop)
     sent = "".join(stream.feed(raw[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     sent += stream.feed(b"", final=True)
-    expected = text.lstrip()
+    expected = text.translate(_INVISIBLE).lstrip()
+    assert not set(sent) & {chr(c) for c in _INVISIBLE}
     # the earliest stop wins; a stop inside leading whitespace was stripped with it
     cut = min((expected.index(s) for s in stop if s in expected), default=len(expected))
     assert sent == expected[:cut].rstrip() and sent == stream.text
+
+
+def test_control_and_invisible_characters_never_leave_the_engine():
+    stream = _Stream([])
+    raw = "Take\x1c aspirin\u202e daily\x00\r\n\tthen \u200brest\x85.".encode()
+    sent = "".join(stream.feed(raw[i:i + 3]) for i in range(0, len(raw), 3)) + stream.feed(b"", final=True)
+    assert sent == "Take aspirin daily\n\tthen rest."

@@ -53,6 +53,14 @@ def test_intermediate_removed_unless_kept(tmp_path, tiny_base, tiny_adapter):
     assert read_gguf(kept.intermediate).metadata["general.file_type"] == 1
 
 
+@pytest.mark.parametrize("quant", ["F16", "BF16"])
+def test_keep_intermediate_with_a_direct_quant_writes_just_the_output(tmp_path, tiny_base, quant, caplog):
+    result = run_convert(tiny_base, tmp_path / "m.gguf", quant, keep_intermediate=True)
+    assert result.intermediate is None and result.output.is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "m.gguf.manifest.json"]
+    assert "no intermediate to keep" in caplog.text
+
+
 def test_rerun_replaces_output_atomically(tmp_path, tiny_base):
     out = tmp_path / "m.gguf"
     first = run_convert(tiny_base, out, "Q8_0")
@@ -117,6 +125,15 @@ def test_help_teaches_and_documents_exit_codes():
         assert needle in text
 
 
+def test_both_commands_print_their_version():
+    from jee1 import __version__
+
+    for command in ("jee1-convert", "jee1"):
+        done = subprocess.run([str(Path(sys.executable).parent / command), "--version"], capture_output=True,
+                              text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.strip() == f"{command}, version {__version__}"
+
+
 def test_llama_cpp_log_goes_through_logging(tmp_path, tiny_base):
     proc = subprocess.run([BIN / "jee1-convert", tiny_base, "-o", tmp_path / "m.gguf", "--quant", "Q4_K_M",
                            "-v"], capture_output=True, text=True)
@@ -176,3 +193,19 @@ def test_demo_answers_through_the_pipeline(tmp_path):
     assert answer["text"].endswith("qualified clinician.")  # the disclaimer
     assert data["status"]["verified"] == "verified" and data["status"]["quant"] == "Q4_K_M"
     assert Path(data["model"]).is_file() and Path(data["manifest"]).is_file()
+
+
+def test_shipped_data_folders_are_declared_packages():
+    """setuptools warns (and will one day drop the files) when package data sits in a folder that is
+    not itself a declared package ("data/*.txt" on the parent); each data folder is a package."""
+    import tomllib
+
+    repo = Path(__file__).resolve().parents[1]
+    tool = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    roots = sorted(tool["package-dir"].items(), key=lambda kv: -len(kv[0]))
+    for package, globs in tool["package-data"].items():
+        assert package in tool["packages"], package
+        assert all("/" not in g for g in globs), (package, globs)
+        name, path = next((n, p) for n, p in roots if package == n or package.startswith(n + "."))
+        folder = repo / path / Path(*package[len(name):].strip(".").split(".")) if package != name else repo / path
+        assert all(list(folder.glob(g)) for g in globs), (package, globs)
