@@ -2,15 +2,21 @@
 
 Login first, by challenge-response: the console shows a fresh random challenge; the technician's
 laptop computes HMAC-SHA256(device service secret, challenge) with ``jee1 service-response`` and
-types the hex result.  Failed attempts lock the console for a doubling delay; an idle session is
-logged out; every command and every failed login goes to the audit log; the secret is never shown.
+types the hex result.  Failed attempts lock the console for a doubling delay that belongs to the
+port, not to one open of it (kept in device state: unplugging the cable or restarting the service
+does not reset it); an empty line only shows a new challenge; an idle session is logged out; every
+command and every failed login goes to the audit log; the secret is never shown.  No input ends the
+console: an error in a command is logged, audited and answered, and the console carries on.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 import logging
+import os
+import re
 import secrets
 import threading
 import time
@@ -18,6 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from jee1 import __version__
+from jee1.edge.engine import Busy
 from jee1.errors import InputError
 
 from .transports import SerialTransport, TransportClosed
@@ -28,6 +35,7 @@ IDLE_TIMEOUT_S = 300.0
 LOCKOUT_BASE_S = 2.0
 LOCKOUT_MAX_S = 300.0
 SELFTEST_QUESTION = "What is the antidote for heparin?"
+RESPONSE = re.compile(r"[0-9a-f]{64}")   # what a login response may be: HMAC-SHA256 as lower-case hex
 HELP = """commands:
   help                 this list
   status               engine and link status
@@ -54,16 +62,45 @@ def response_for(secret: bytes, challenge: str) -> str:
     return hmac.new(secret, challenge.strip().encode(), hashlib.sha256).hexdigest()
 
 
+class Lockout:
+    """Failed logins and the time the port is locked until (wall clock), kept in a 0600 JSON file
+    when a path is given, so the doubling delay survives a replugged cable and a restart."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.failures, self.locked_until = 0, 0.0
+        if path is not None and path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                self.failures, self.locked_until = int(data["failures"]), float(data["locked_until"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                log.warning("%s: unreadable console lockout state (%s); the port stays locked for the longest delay",
+                            path, e)
+                self.failures, self.locked_until = 99, time.time() + LOCKOUT_MAX_S
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({"failures": self.failures, "locked_until": self.locked_until}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:   # the lockout still holds in memory
+            log.warning("%s: cannot keep the console lockout state (%s)", self.path, e.strerror)
+
+
 class Console:
-    def __init__(self, transport, engine, secret: bytes, bridge=None, clock=time.monotonic):
+    def __init__(self, transport, engine, secret: bytes, bridge=None, clock=time.time, lockout: Lockout | None = None):
         self.transport = transport
         self.engine = engine
         self.secret = secret
         self.bridge = bridge
         self.clock = clock
         self.logged_in = False
-        self.failures = 0
-        self.locked_until = 0.0
+        self.lockout = lockout or Lockout(None)
         self.challenge = ""
         self.last_input = clock()
         self.line = bytearray()
@@ -105,6 +142,16 @@ class Console:
                 self.transport.write(bytes([byte]))  # echo, as terminal programs expect
 
     def handle_line(self, line: str) -> None:
+        """One line, whatever it holds: an exception in a command is logged, audited and answered."""
+        try:
+            self._handle_line(line)
+        except Exception as e:   # the console must outlive any command
+            log.exception("console command failed")
+            self._safe_audit("console_error", error=type(e).__name__)
+            self.write(f"error: {'engine busy, try again' if isinstance(e, Busy) else 'internal error (logged)'}\n")
+            self.prompt()
+
+    def _handle_line(self, line: str) -> None:
         if not self.logged_in:
             return self._login(line)
         if not line:
@@ -121,21 +168,33 @@ class Console:
         if self.logged_in:
             self.prompt()
 
+    def _safe_audit(self, event: str, **fields) -> None:
+        try:
+            self.audit(event, **fields)
+        except Exception:
+            log.exception("audit record %s lost", event)
+
     def _login(self, line: str) -> None:
         now = self.clock()
-        if now < self.locked_until:
-            self.write(f"locked: try again in {self.locked_until - now:.0f} s\n")
+        if not line:                       # an empty Enter: a new challenge, not a failed attempt
             return self.prompt()
-        if self.challenge and line and hmac.compare_digest(line.lower(), response_for(self.secret, self.challenge)):
+        if now < self.lockout.locked_until:
+            self.write(f"locked: try again in {self.lockout.locked_until - now:.0f} s\n")
+            return self.prompt()
+        answer = line.lower()
+        if self.challenge and RESPONSE.fullmatch(answer) and hmac.compare_digest(
+                answer.encode("ascii"), response_for(self.secret, self.challenge).encode("ascii")):
             self.logged_in = True
-            self.failures = 0
+            self.lockout.failures = 0
+            self.lockout.save()
             self.audit("console_login")
             self.write("logged in; type help\n")
             return self.prompt()
-        self.failures += 1
-        delay = min(LOCKOUT_BASE_S * 2 ** (self.failures - 1), LOCKOUT_MAX_S)
-        self.locked_until = now + delay
-        self.audit("console_login_failed", failures=self.failures, locked_s=delay)
+        self.lockout.failures += 1
+        delay = min(LOCKOUT_BASE_S * 2 ** min(self.lockout.failures - 1, 16), LOCKOUT_MAX_S)
+        self.lockout.locked_until = now + delay
+        self.lockout.save()
+        self.audit("console_login_failed", failures=self.lockout.failures, locked_s=delay)
         self.write(f"login failed; locked for {delay:.0f} s\n")
         self.prompt()
 
@@ -154,7 +213,8 @@ class Console:
 
     def _version(self, _):
         st = self.engine.status()
-        self.write(f"jee1 {__version__}; model {st['model']} {st['quant']} sha256 {st['sha256'][:16]}...; "
+        digest = f"sha256 {st['sha256'][:16]}..." if st.get("sha256") else "unverified (no sha256)"
+        self.write(f"jee1 {__version__}; model {st['model']} {st['quant']} {digest}; "
                    f"safety rules {st['safety_rules']}\n")
 
     def _ask(self, question):
@@ -177,7 +237,7 @@ class Console:
         self.audit("console_selftest", model_ok=model_ok, links=len(live))
 
     def _log(self, arg):
-        n = int(arg) if arg.isdigit() else 20
+        n = int(arg) if arg.isascii() and arg.isdigit() else 20
         path = self.engine.audit.path
         lines = deque(path.read_text(encoding="utf-8").splitlines(), maxlen=n) if path.is_file() else []
         for line in lines:
@@ -209,13 +269,22 @@ class Console:
         self.prompt()
         while not stop.is_set():
             data = self.transport.read()
-            if data:
-                self.feed(data)
-            self.check_idle()
+            try:
+                if data:
+                    self.feed(data)
+                self.check_idle()
+            except TransportClosed:
+                raise
+            except Exception as e:   # a bug in line handling: reset the line, carry on
+                log.exception("console input failed")
+                self._safe_audit("console_error", error=type(e).__name__)
+                self.line.clear()
 
 
 def start_console(bridge, url: str, baudrate: int, secret_path: str | None, settings) -> threading.Thread:
     secret = load_secret(secret_path or "/etc/jee1/service.key")
+    state_dir = settings["cache"]["dir"]
+    lockout = Lockout(Path(state_dir) / "console_lockout.json" if state_dir else None)
 
     def loop():
         delay = 0.1
@@ -229,11 +298,17 @@ def start_console(bridge, url: str, baudrate: int, secret_path: str | None, sett
                 continue
             delay = 0.1
             try:
-                Console(transport, bridge.engine, secret, bridge).run(bridge.stop)
+                Console(transport, bridge.engine, secret, bridge, lockout=lockout).run(bridge.stop)
             except TransportClosed:
                 log.warning("console port %s lost", url)
+            except Exception:   # never let the port die with the service still running
+                log.exception("console on %s failed; reopening", url)
+                bridge.stop.wait(delay)
             finally:
-                transport.close()
+                try:
+                    transport.close()
+                except Exception:
+                    log.exception("closing console port %s", url)
 
     thread = threading.Thread(target=loop, name="jee1-console", daemon=True)
     thread.start()

@@ -2,6 +2,7 @@
 conversation, cancel, resend after corruption, bad frames, oversize, unplug/replug, a flood against
 the busy limit; and the technician console."""
 
+import json
 import os
 import select
 import socket
@@ -390,3 +391,82 @@ def test_two_answers_in_flight_on_one_link(serial_link):
     crisis = client.receive(second)
     assert crisis.reason == DoneReason.SAFETY and "crisis line" in crisis.text
     assert client.receive(first).text == alone
+
+
+def test_console_survives_any_byte_and_empty_lines_before_login(console):
+    con, term, clock, secret = console
+    con.prompt()
+    term.read()
+    first = con.challenge
+    out = typed(con, term, "")                                       # empty Enter: a new challenge, no penalty
+    assert "login failed" not in out and con.challenge != first and con.lockout.failures == 0
+    for junk in ("café", "\u00e9" * 64, "\uff10" * 64):                # non-ASCII: a failed login, not a crash
+        clock.now += 400
+        assert "login failed" in typed(con, term, junk)
+    clock.now += 400
+    term.write(b"\xe9\xff\x80\r")                                     # raw high bytes from line noise
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and b"\r" not in (data := con.transport.read()):
+        con.feed(data)
+    con.feed(data)
+    time.sleep(0.05)
+    assert "login failed" in term.read().decode(errors="replace")
+    clock.now += 400
+    assert "logged in" in typed(con, term, response_for(secret, con.challenge))
+    assert "console_command" in typed(con, term, "log \u00b2")        # a digit-like character is not a count
+
+
+class _FailingStatus:
+    """The real engine, except that status() fails the way an unexpected bug would."""
+
+    def __init__(self, engine):
+        self._engine = engine
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def status(self):
+        raise RuntimeError("injected failure")
+
+
+def test_console_outlives_a_failing_command_and_reports_an_unverified_model(console, bridge_engine):
+    con, term, clock, secret = console
+    con.prompt()
+    term.read()
+    typed(con, term, response_for(secret, con.challenge))
+    con.engine = _FailingStatus(bridge_engine)
+    assert "internal error" in typed(con, term, "status")
+    con.engine = bridge_engine
+    assert "requests_served" in typed(con, term, "status")           # still answering
+    records = bridge_engine.audit.path.read_text()
+    assert '"event": "console_error"' in records and '"error": "RuntimeError"' in records
+
+    class Unverified(_FailingStatus):
+        def status(self):
+            return self._engine.status() | {"sha256": None}
+
+    con.engine = Unverified(bridge_engine)
+    assert "unverified (no sha256)" in typed(con, term, "version")
+
+
+def test_console_lockout_belongs_to_the_port_not_to_one_open(tmp_path, bridge_engine):
+    from jee1.firmware_bridge.console import Lockout
+    from jee1.firmware_bridge.transports import SerialTransport
+
+    state = tmp_path / "state" / "console_lockout.json"
+    clock = Clock()
+    for attempt in range(2):                                          # two opens of the port (replug, restart)
+        master, slave = os.openpty()
+        transport = SerialTransport(os.ttyname(slave), 115200)
+        os.close(slave)
+        con = Console(transport, bridge_engine, b"device-secret-0123456789abcdef", clock=clock, lockout=Lockout(state))
+        term = FdTransport(master)
+        con.prompt()
+        term.read()
+        out = typed(con, term, "0" * 64)
+        assert f"locked for {2 * 2 ** attempt:.0f} s" in out         # the delay keeps doubling across opens
+        clock.now += 10
+        transport.close()
+        os.close(master)
+    assert state.stat().st_mode & 0o777 == 0o600
+    assert json.loads(state.read_text())["failures"] == 2
