@@ -303,9 +303,12 @@ class Engine:
                 answer = Answer(job.id, str(e), "", "error", error=f"{type(e).__name__}: {e}")
                 with self._stats_lock:
                     self._stats["errors"] += 1
-                self.audit.record("answer", request_id=job.id, finish_reason="error", error=answer.error,
-                                  question=self.audit.text(job.question))
-            job.events.put(("done", answer))
+                try:
+                    self.audit.record("answer", request_id=job.id, finish_reason="error", error=answer.error,
+                                      question=self.audit.text(job.question))
+                except Exception:
+                    log.exception("audit record of failed request %s lost", job.id)
+            job.events.put(("done", answer))   # the caller always gets its answer, an error included
 
     def _answer(self, job: _Job) -> Answer:
         started = time.monotonic()

@@ -68,7 +68,7 @@ class Session:
         self.dropped: set[int] = set()
         self.questions: dict[int, tuple[bytearray, int]] = {}
         self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
-                      "answers_dropped": 0}
+                      "answers_dropped": 0, "errors": 0}
         self.last_sent = time.monotonic()
         self.last_pong = time.monotonic()
         self.closed = threading.Event()
@@ -133,6 +133,13 @@ class Session:
             except FrameError as e:
                 self.stats["bad_frames"] += 1
                 self.error(e.code, str(e), e.request_id)
+            except TransportClosed:
+                raise
+            except Exception as e:   # a bug handling one frame must not end the link
+                log.exception("%s: handling %s failed", self.name, item.type)
+                self.stats["errors"] += 1
+                self.questions.pop(item.request_id, None)
+                self.error(ErrorCode.ENGINE_ERROR, f"internal error ({type(e).__name__})", item.request_id)
 
     def handle(self, frame: Frame) -> None:
         fields, text = unpack(frame)
@@ -213,6 +220,18 @@ class Session:
                 self.pump(out)
         except TransportClosed:
             out.request.cancel()
+        except Exception as e:   # the answer's caller must see an ERROR and a DONE, never silence
+            log.exception("%s: request %d failed", self.name, out.request_id)
+            out.request.cancel()
+            try:
+                with self.lock:
+                    self.stats["errors"] += 1
+                    self.error(ErrorCode.ENGINE_ERROR, f"internal error ({type(e).__name__})", out.request_id)
+                    out.done = {"reason": int(DoneReason.ERROR), "flags": 0, "total_bytes": len(out.data),
+                                "tokens": 0, "answer_crc32": crc32(bytes(out.data))}
+                    self.pump(out)
+            except TransportClosed:
+                pass
 
     def _lookup(self, rid: int) -> Outgoing | None:
         out = self.answers.get(rid)
@@ -278,6 +297,13 @@ class Session:
                     out.request.cancel()
 
 
+def _close_quietly(closable) -> None:
+    try:
+        closable.close()
+    except Exception:
+        log.exception("closing %r", closable)
+
+
 class BridgeService:
     """Serial port(s) and a Unix socket in front of one engine; runs until ``stop`` is set."""
 
@@ -312,33 +338,47 @@ class BridgeService:
             delay = 0.1
             log.info("UI port %s open at %d baud", url, baudrate)
             session = Session(transport, self.engine)
-            self.sessions.append(session)
+            self._track(session)
             try:
                 session.run(self.stop)
             except TransportClosed as e:
                 log.warning("UI port %s lost (%s); waiting for it to come back", url, e)
+            except Exception:   # reopen the port rather than leave the UI without a link
+                log.exception("UI port %s: session failed; reopening", url)
+                self.stop.wait(delay)
             finally:
-                transport.close()
+                _close_quietly(transport)
 
     def _accept_loop(self, listener: UnixListener) -> None:
         try:
             while not self.stop.is_set():
-                transport = listener.accept()
-                if transport is None:
-                    continue
-                session = Session(transport, self.engine)
-                self.sessions.append(session)
-                self._spawn(self._client, session, name="bridge-unix-client")
+                try:
+                    transport = listener.accept()
+                    if transport is None:
+                        continue
+                    session = Session(transport, self.engine)
+                    self._track(session)
+                    self._spawn(self._client, session, name="bridge-unix-client")
+                except Exception:   # one bad connection must not close the socket for everyone
+                    log.exception("UI socket: accepting a connection failed")
+                    self.stop.wait(0.1)
         finally:
-            listener.close()
+            _close_quietly(listener)
 
     def _client(self, session: Session) -> None:
         try:
             session.run(self.stop)
         except TransportClosed:
             log.info("%s: client disconnected", session.name)
+        except Exception:
+            log.exception("%s: session failed; connection closed", session.name)
         finally:
-            session.transport.close()
+            _close_quietly(session.transport)
+
+    def _track(self, session: Session) -> None:
+        """Keep open sessions (and a few closed ones for status); forget the rest."""
+        self.sessions = [s for s in self.sessions if not s.closed.is_set()][-64:] + [session]
+        self.threads = [t for t in self.threads if t.is_alive()]
 
     def join(self, timeout: float = 5.0) -> None:
         for thread in self.threads:

@@ -158,4 +158,7 @@ class UIClient:
                 text += unpack(frame)[1]
                 if not frame.flags & 1:
                     return json.loads(text)
+            elif frame.type == MsgType.ERROR and frame.request_id == 0:
+                fields, message = unpack(frame)
+                raise LinkError(fields["code"], message)
         raise TimeoutError("no STATUS from the bridge")

@@ -470,3 +470,107 @@ def test_console_lockout_belongs_to_the_port_not_to_one_open(tmp_path, bridge_en
         os.close(master)
     assert state.stat().st_mode & 0o777 == 0o600
     assert json.loads(state.read_text())["failures"] == 2
+
+
+class _FaultyEngine:
+    """The real engine, with one fault injected at a chosen call: each long-lived loop must outlive it."""
+
+    def __init__(self, engine, fail_status=False, fail_submit=0, fail_stream=0):
+        self._engine = engine
+        self.fail_status, self.fail_submit, self.fail_stream = fail_status, fail_submit, fail_stream
+
+    def __getattr__(self, name):
+        return getattr(self._engine, name)
+
+    def status(self):
+        if self.fail_status:
+            self.fail_status = False
+            raise RuntimeError("injected: status")
+        return self._engine.status()
+
+    def submit(self, question, **kw):
+        if self.fail_submit:
+            self.fail_submit -= 1
+            raise RuntimeError("injected: submit")
+        request = self._engine.submit(question, **kw)
+        if self.fail_stream:
+            self.fail_stream -= 1
+
+            class Broken:
+                answer = None
+
+                def __iter__(self):
+                    yield "partial "
+                    raise RuntimeError("injected: stream")
+
+                def cancel(self):
+                    request.cancel()
+            return Broken()
+        return request
+
+
+def test_a_link_outlives_failures_in_frame_handling_and_answer_streaming(tmp_path, bridge_engine):
+    """A fault while handling a frame or producing an answer is an ERROR (and, for an answer, a DONE
+    with reason error) that the UI sees; the link then answers the next question as usual."""
+    path = tmp_path / "ui.sock"
+    stop = threading.Event()
+    faulty = _FaultyEngine(bridge_engine, fail_status=True, fail_submit=1, fail_stream=1)
+    service = BridgeService(faulty, stop)
+    service.start_unix(str(path))
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = UIClient(SocketTransport(sock, "test"))
+        client.hello()
+        with pytest.raises(LinkError, match="internal error"):
+            client.status()
+        with pytest.raises(LinkError, match="internal error"):
+            client.ask(QUESTION)
+        with pytest.raises(LinkError, match="internal error"):      # then DONE, reason error
+            client.ask(QUESTION)
+        assert client.ask(QUESTION).text.endswith("qualified clinician.")
+        assert client.status()["link_errors"] == 3
+    finally:
+        stop.set()
+        service.join()
+
+
+def test_the_accept_loop_outlives_a_failing_accept(tmp_path, bridge_engine, monkeypatch):
+    path = tmp_path / "ui.sock"
+    real_accept, calls = UnixListener.accept, []
+
+    def accept_failing_once(self):
+        if not calls:
+            calls.append(1)
+            raise OSError(24, "Too many open files")
+        return real_accept(self)
+    monkeypatch.setattr(UnixListener, "accept", accept_failing_once)
+    stop = threading.Event()
+    service = BridgeService(bridge_engine, stop)
+    service.start_unix(str(path))
+    try:
+        deadline = time.monotonic() + 5
+        while not calls and time.monotonic() < deadline:
+            time.sleep(0.02)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        client = UIClient(SocketTransport(sock, "test"))
+        client.hello()
+        assert client.ask(QUESTION).text.endswith("qualified clinician.")
+    finally:
+        stop.set()
+        service.join()
+
+
+def test_the_engine_worker_outlives_a_failing_audit_log(tmp_path, q4_merged):
+    with running_engine(tmp_path, q4_merged.output, answer={"max_tokens": 4}) as eng:
+        real_record = eng.audit.record
+
+        def record_failing(event, **fields):
+            if event == "answer":
+                raise OSError(28, "No space left on device")
+            return real_record(event, **fields)
+        eng.audit.record = record_failing
+        assert eng.ask(QUESTION).finish_reason == "error"          # answered, with the failure named
+        eng.audit.record = real_record
+        assert eng.ask(QUESTION).completion_tokens > 0              # and the worker is still there
