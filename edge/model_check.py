@@ -1,7 +1,8 @@
 """Before loading: the model must match its manifest, and the manifest its signature.
 
 * Size and sha256 from ``<model>.manifest.json``.  Hashing 41 GB takes minutes, so it shows
-  progress and the result is cached keyed by path + size + mtime: a reboot does not rehash.
+  progress and the result is cached keyed by device, inode, size, mtime and ctime: a reboot does
+  not rehash, and restoring an mtime with ``utime`` after an edit does not fool it.
 * With trusted keys configured, ``<manifest>.sig`` (written by ``jee1 sign``) must be a valid
   Ed25519 signature over the manifest's exact bytes by one of them.  The signature is checked
   on every load; it is cheap.
@@ -13,6 +14,7 @@ import base64
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,10 +116,17 @@ def _check_signature(manifest: Path, data: bytes, trusted: list[Path]) -> str:
 
 
 class VerifiedCache:
-    """path -> (size, mtime_ns, sha256) of models that hashed clean, in a small JSON file."""
+    """Models that hashed clean, keyed by what user space cannot set back: device, inode, size,
+    mtime and ctime in nanoseconds (``utime`` can restore an mtime, but it moves the ctime to now).
+    A small JSON file, mode 0600."""
 
     def __init__(self, directory: Path | None):
         self.path = Path(directory) / VERIFIED_CACHE if directory else None
+
+    @staticmethod
+    def identity(st: os.stat_result) -> dict:
+        return {"dev": st.st_dev, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                "ctime_ns": st.st_ctime_ns}
 
     def _read(self) -> dict:
         if self.path is None or not self.path.is_file():
@@ -130,20 +139,19 @@ class VerifiedCache:
 
     def lookup(self, model: Path) -> str | None:
         entry = self._read().get(str(model.resolve()))
-        st = model.stat()
-        if entry and entry["size"] == st.st_size and entry["mtime_ns"] == st.st_mtime_ns:
+        if entry and {k: entry.get(k) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")} == \
+                self.identity(model.stat()):
             return entry["sha256"]
         return None
 
-    def store(self, model: Path, sha256: str) -> None:
+    def store(self, model: Path, sha256: str, st: os.stat_result | None = None) -> None:
         if self.path is None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             data = self._read()
-            st = model.stat()
-            data[str(model.resolve())] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
-            write_json_atomic(self.path, data)
+            data[str(model.resolve())] = self.identity(st or model.stat()) | {"sha256": sha256}
+            write_json_atomic(self.path, data, mode=0o600)
         except OSError as e:
             log.warning("%s: cannot cache the verification result (%s)", self.path, e.strerror)
 
@@ -173,8 +181,10 @@ def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, p
             progress.update(size)  # verified before, same size and mtime: nothing to re-hash
         return CheckResult(manifest, cached, hashed=False, signed_by=signed_by)
     log.info("verifying %s (%.1f GiB) against its manifest", model.name, size / 2**30)
+    before = model.stat()
     actual = sha256_file(model, progress)
     if actual != expected_sha:
         raise ModelRejected(f"{model}: sha256 {actual[:16]}… differs from the manifest's {expected_sha[:16]}…")
-    cache.store(model, actual)
+    if VerifiedCache.identity(model.stat()) == VerifiedCache.identity(before):   # unchanged while hashed
+        cache.store(model, actual, before)
     return CheckResult(manifest, actual, hashed=True, signed_by=signed_by)

@@ -40,12 +40,13 @@ def file_record(path: str | Path, root: str | Path | None = None, progress=None)
     }
 
 
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``."""
+def write_json_atomic(path: str | Path, data: dict, mode: int = 0o644) -> None:
+    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``
+    (mode 0644 by default: a manifest is for everyone to read)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; a manifest is for everyone to read
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")

@@ -51,6 +51,31 @@ def test_matching_model_loads_and_the_result_is_cached(model, tmp_path):
     assert check_model(model, [], tmp_path / "cache").hashed
 
 
+def test_restoring_the_mtime_after_an_edit_does_not_fool_the_cache(model, tmp_path):
+    """The attack, in real processes: verify (cached), flip a byte in place, put atime and mtime
+    back with os.utime, verify again in a new process: it must rehash and refuse."""
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    check = ("import sys; from pathlib import Path; from jee1.edge.model_check import check_model, ModelRejected\n"
+             "try:\n r = check_model(Path(sys.argv[1]), [], Path(sys.argv[2])); print('hashed' if r.hashed else 'cached')\n"
+             "except ModelRejected as e:\n print('refused', e)\n")
+    run = lambda: subprocess.run([sys.executable, "-c", check, str(model), str(cache)], capture_output=True,  # noqa: E731
+                                 text=True, timeout=120).stdout
+    assert run().startswith("hashed") and run().startswith("cached")
+    assert (cache / "verified-models.json").stat().st_mode & 0o777 == 0o600
+    st = model.stat()
+    with open(model, "r+b") as f:                  # same size, same inode: an edit in place
+        f.seek(-100, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-100, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 1]))
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model.stat().st_mtime_ns == st.st_mtime_ns and model.stat().st_size == st.st_size
+    assert run().startswith("refused")
+
+
 def test_changed_model_is_refused(model, tmp_path):
     flip_byte(model)
     with pytest.raises(ModelRejected, match="sha256 .* differs from the manifest"):
