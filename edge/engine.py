@@ -32,7 +32,7 @@ from jee1.prompts import load_template
 
 from .audit import AuditLog, text_digest
 from .gpu_plan import ModelShape, Plan, accelerator_free_bytes, is_unified_memory_board, plan_offload
-from .model_check import check_model
+from .model_check import ModelRejected, check_model
 from .prompt import PromptLayout
 from .prompt_cache import WarmPrefix, cache_key
 from .safety import Decision, SafetyPolicy
@@ -177,23 +177,32 @@ class Engine:
         s_model, s_cache = settings["model"], settings["cache"]
         self.model_path = Path(model_path or s_model["path"])
         cache_dir = Path(s_cache["dir"]) if s_cache["dir"] else None
+        s_audit = settings["audit"]
+        self.audit = AuditLog(s_audit["path"], s_audit["max_bytes"], s_audit["backups"], s_audit["log_text"])
         if s_model["verify"]:
-            checked = check_model(self.model_path, [Path(k) for k in s_model["trusted_keys"]], cache_dir, progress)
+            try:
+                checked = check_model(self.model_path, [Path(k) for k in s_model["trusted_keys"]], cache_dir,
+                                      progress)
+            except (ModelRejected, InputError) as e:   # its own audit event, not only a message on stderr
+                self.audit.record("model_refused", model=self.model_path.name, reason=str(e))
+                self.audit.close()
+                raise
             self.model_sha256, self.verified = checked.sha256, "verified" + (f", signed by {checked.signed_by}"
                                                                              if checked.signed_by else "")
         else:
             log.warning("%s: manifest verification skipped on request", self.model_path)
             self.model_sha256, self.verified = None, "not verified"
-        summary = read_gguf(self.model_path)
-        self.metadata = summary.metadata
-        self.quant = _quant_name(summary)
-        self.plan = self._plan_gpu(summary)
         self.llama = None
         try:
+            summary = read_gguf(self.model_path)
+            self.metadata = summary.metadata
+            self.quant = _quant_name(summary)
+            self.plan = self._plan_gpu(summary)
             self._start(settings, summary, cache_dir)
         except BaseException:
             if self.llama is not None:
                 self.llama.close()
+            self.audit.close()
             raise
 
     def _start(self, settings: Settings, summary, cache_dir: Path | None) -> None:
@@ -207,7 +216,6 @@ class Engine:
         template = self.metadata.get("tokenizer.chat_template") or load_template(s_ans["default_template"])[1]
         self.layout = PromptLayout.from_template(template, s_ans["preamble"])
         self.policy = SafetyPolicy.from_settings(settings["safety"])
-        self.audit = AuditLog(s_audit["path"], s_audit["max_bytes"], s_audit["backups"], s_audit["log_text"])
         prefix_tokens = self._tokenize(self.layout.prefix, bos=True)
         if len(prefix_tokens) >= s_rt["n_ctx"] - 16:
             raise InputError(f"the fixed prompt (template + preamble) is {len(prefix_tokens)} tokens; "

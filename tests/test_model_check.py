@@ -177,3 +177,21 @@ def test_sign_cli_and_bad_key(model, keys, tmp_path):
     assert again.exit_code == 1 and "already exists" in again.output
     with pytest.raises(InputError, match="key file does not exist"):
         check_model(model, [tmp_path / "nope.pub"], None)
+
+
+def test_a_refused_model_is_its_own_audit_event_with_the_reason(model, keys, tmp_path):
+    audit = tmp_path / "audit.jsonl"
+    flip_byte(model)
+    with pytest.raises(ModelRejected):
+        Engine(engine_settings(model, tmp_path))
+    sign_manifest(manifest_path(model), keys / "b.key")
+    with pytest.raises(ModelRejected):
+        Engine(engine_settings(model, tmp_path, model={"trusted_keys": [str(keys / "a.pub")]}))
+    manifest_path(model).unlink()
+    with pytest.raises(ModelRejected):
+        Engine(engine_settings(model, tmp_path))
+    events = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert [e["event"] for e in events] == ["model_refused"] * 3
+    reasons = [e["reason"] for e in events]
+    assert "sha256" in reasons[0] and "trusted key" in reasons[1] and "no manifest" in reasons[2]
+    assert all(e["model"] == "sm70.gguf" for e in events)
