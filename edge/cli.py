@@ -352,6 +352,10 @@ def safety_check(ctx, texts, rules, as_json, explain):
             for c in why["candidates"]:
                 silenced = ", ".join(c["suppressed_by"]) or "FIRED"
                 click.echo(f"    {c['rule']:<42} {c['matched']!r}: {silenced}")
+            if why["learned"]:
+                lp = why["learned"]
+                click.echo(f"    learned backstop: p(urgent) {lp['p_urgent']:.2f} (fires at {lp['threshold']:.2f}), "
+                           f"p(crisis) {lp['p_crisis']:.2f}; strongest: {', '.join(lp['top_features']) or '-'}")
 
 
 @main.command(epilog=EPILOG)

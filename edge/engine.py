@@ -178,7 +178,8 @@ class Engine:
         self.model_path = Path(model_path or s_model["path"])
         cache_dir = Path(s_cache["dir"]) if s_cache["dir"] else None
         s_audit = settings["audit"]
-        self.audit = AuditLog(s_audit["path"], s_audit["max_bytes"], s_audit["backups"], s_audit["log_text"])
+        self.audit = AuditLog(s_audit["path"], s_audit["max_bytes"], s_audit["backups"], s_audit["log_text"],
+                              key_dir=cache_dir)
         if s_model["verify"]:
             try:
                 checked = check_model(self.model_path, [Path(k) for k in s_model["trusted_keys"]], cache_dir,
@@ -435,6 +436,7 @@ class Engine:
             "last_ttft_s": st["last_ttft_s"], "avg_ttft_s": mean(st["ttft_s"]),
             "warm_prefix": self.warm.source if self.warm else "off", "prefix_tokens": len(self.prefix_tokens),
             "safety_rules": self.policy.version, "pre_model_safety": self.policy.pre_model,
+            "audit_degraded": self.audit.degraded, "audit_lost_records": self.audit.lost,
         }
 
     def close(self) -> None:

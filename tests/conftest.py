@@ -72,3 +72,39 @@ def engine(tmp_path_factory, q4_merged):
     with running_engine(tmp_path_factory.mktemp("engine"), q4_merged.output,
                         answer={"max_tokens": 64, "queue_size": 2}) as eng:
         yield eng
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 4 MiB tmpfs to fill up; skipped with the reason where mounting needs root we lack."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+def fill_up(folder: Path) -> Path:
+    """Write a file until the filesystem under ``folder`` is full; return it (delete it to free the space)."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+    try:
+        with open(filler, "ab", buffering=0) as f:
+            while True:
+                f.write(b"\0")
+                f.flush()
+    except OSError:
+        pass
+    return filler

@@ -187,7 +187,12 @@ def test_audit_log_records_decisions_and_hashes_text(tmp_path, q4_merged):
     assert answers[1]["rule"] == "crisis.suicidal_intent" and answers[1]["finish_reason"] == "safety"
     assert (answers[1]["kind"], answers[1]["category"]) == ("crisis", "self_harm")
     assert (answers[2]["kind"], answers[2]["category"]) == ("emergency", "collapse")
-    assert all(r["question"].startswith("sha256:") and r["answer"].startswith("sha256:") for r in answers)
+    assert all(r["question"].startswith("hmac-sha256:") and r["answer"].startswith("hmac-sha256:") for r in answers)
+    import hashlib
+
+    assert hashlib.sha256(b"I want to kill myself").hexdigest() not in (tmp_path / "audit.jsonl").read_text()
+    key = tmp_path / "cache" / "audit.key"
+    assert key.stat().st_mode & 0o777 == 0o600 and len(key.read_bytes()) == 32
     log = (tmp_path / "audit.jsonl").read_text()
     assert "aspirin" not in log and "kill myself" not in log and "isnt breathing" not in log   # the patient's words
     assert {"request_id", "ttft_s", "total_s", "prompt_tokens", "completion_tokens"} <= set(answers[0])
@@ -231,3 +236,25 @@ def test_control_and_invisible_characters_never_leave_the_engine():
     raw = "Take\x1c aspirin\u202e daily\x00\r\n\tthen \u200brest\x85.".encode()
     sent = "".join(stream.feed(raw[i:i + 3]) for i in range(0, len(raw), 3)) + stream.feed(b"", final=True)
     assert sent == "Take aspirin daily\n\tthen rest."
+
+
+def test_a_full_audit_disk_degrades_the_log_but_never_the_answers(tmp_path, small_tmpfs, q4_merged):
+    """The policy: keep answering, count lost records, report the degraded state, recover by itself."""
+    from conftest import fill_up
+
+    settings = engine_settings(q4_merged.output, tmp_path, answer={"max_tokens": 4},
+                               audit={"path": str(small_tmpfs / "audit.jsonl")})
+    with Engine(settings) as eng:
+        filler = fill_up(small_tmpfs)
+        for _ in range(40):                      # the log file's last page may take a few records first
+            assert eng.ask(QUESTION).completion_tokens > 0
+            if eng.status()["audit_degraded"]:
+                break
+        status = eng.status()
+        assert status["audit_degraded"] and status["audit_lost_records"] >= 1
+        assert eng.ask("I want to kill myself").finish_reason == "safety"      # the screen still answers
+        filler.unlink()
+        eng.ask(QUESTION)
+        assert not eng.status()["audit_degraded"]
+        lost = eng.status()["audit_lost_records"]
+    assert '"event": "engine_stop"' in (small_tmpfs / "audit.jsonl").read_text() and lost >= 2

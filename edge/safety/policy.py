@@ -19,12 +19,15 @@ from pathlib import Path
 
 from jee1.errors import InputError
 
+from .model import LearnedScreen, Score
 from .screen import Hit, Screen
 from .text import Reader, Reading
 
 DATA = resources.files("jee1.edge") / "data"
 RULES_FILE = DATA / "safety_rules.toml"
 ENGLISH_WORDS = DATA / "english_words.txt"
+LEARNED_MODEL = DATA / "safety_model.npz"
+LEARNED_RULE = "learned.backstop"
 KINDS = ("emergency", "crisis")
 LANGUAGE_RULE = "language.not_english"
 LOOP_MIN_CHARS = 40      # a repeated unit must cover at least this much of the tail
@@ -74,6 +77,11 @@ class SafetyPolicy:
                                  reading["clause_words"],
                                  (reading["english_function_words"], reading["foreign_function_words"]))
             self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
+            self.learned = LearnedScreen(str(LEARNED_MODEL)) if data["learned"]["enabled"] else None
+            self.learned_frames = tuple(data["learned"]["not_when"])
+            unknown = set(self.learned_frames) - set(self.screen_rules.contexts)
+            if unknown:
+                raise ValueError(f"[learned] not_when names unknown contexts {sorted(unknown)}")
         except (KeyError, TypeError, ValueError, IndexError, re.error) as e:
             raise InputError(f"{source}: invalid safety rules ({type(e).__name__}: {e})") from None
         self.rules = self.screen_rules.rules
@@ -100,11 +108,16 @@ class SafetyPolicy:
 
     # -- before the model -------------------------------------------------------------------
 
-    def _decision(self, hit: Hit | None, reading: Reading) -> Decision:
+    def _decision(self, hit: Hit | None, reading: Reading, score: Score | None = None) -> Decision:
         if hit is not None:
             rule = hit.rule
             return Decision(True, rule.id, rule.category, hit.matched, self.messages[rule.kind], self.version,
                             self.pre_model, rule.kind)
+        if score is not None and score.p_urgent >= self.learned.threshold:
+            kind = "crisis" if score.p_crisis >= 0.5 else "emergency"
+            return Decision(True, LEARNED_RULE, "self_harm" if kind == "crisis" else "unclassified",
+                            ", ".join(f.split(":", 1)[1] for f in score.top), self.messages[kind], self.version,
+                            self.pre_model, kind)
         if self._not_english(reading):
             return Decision(False, LANGUAGE_RULE, "language", None, self.messages["not_english"], self.version,
                             self.pre_model)
@@ -117,20 +130,33 @@ class SafetyPolicy:
                 or reading.words >= self.min_words_for_language and reading.english_share < self.min_english_share
                 or foreign_fw >= 2 and foreign_fw > english_fw)
 
+    def _score(self, hit: Hit | None, reading: Reading) -> Score | None:
+        """The learned backstop, asked only when no rule fired and nothing frames the message as
+        past, habitual, a question about a topic, a vignette ...: it can add a firing, never remove one."""
+        if hit is not None or self.learned is None or self.screen_rules.framed(reading, self.learned_frames):
+            return None
+        return self.learned.score(reading.text)
+
     def check(self, question: str) -> Decision:
         reading = self.reader.read(question)
-        return self._decision(self.screen_rules.first(reading), reading)
+        hit = self.screen_rules.first(reading)
+        return self._decision(hit, reading, self._score(hit, reading))
 
     def explain(self, question: str) -> dict:
         """Why: the reading, every candidate match and what suppressed it, and the decision."""
         reading = self.reader.read(question)
         hits = self.screen_rules.hits(reading, first_only=True)
         fired = hits[-1] if hits and not hits[-1].suppressed_by else None
+        score = self._score(fired, reading)
         return {"canonical": reading.text, "corrections": reading.corrections,
                 "english_share": round(reading.english_share, 3),
                 "candidates": [{"rule": h.rule.id, "matched": h.matched,
                                 "suppressed_by": list(h.suppressed_by)} for h in hits],
-                "decision": self._decision(fired, reading).as_json()}
+                "learned": None if score is None else {"p_urgent": round(score.p_urgent, 3),
+                                                        "p_crisis": round(score.p_crisis, 3),
+                                                        "threshold": self.learned.threshold,
+                                                        "top_features": list(score.top)},
+                "decision": self._decision(fired, reading, score).as_json()}
 
     def screen(self, question: str) -> Decision:
         """``check`` when the pre-model short-circuit is on; with it off, a decision that never fires."""

@@ -163,6 +163,14 @@ class Screen:
                     return out
         return out
 
+    def framed(self, reading: Reading, frames: tuple[str, ...]) -> list[str]:
+        """Which of ``frames`` (past, habitual, ...) the message has anywhere, unless it also speaks of
+        something acute, happening now, or pleads: where a statistical guess is least safe."""
+        marks = _Marks(self, reading)
+        if marks.spans("present") or marks.spans("urgent") or marks.spans("acute"):
+            return []
+        return [name for name in frames if marks.spans(name)]
+
     def first(self, reading: Reading) -> Hit | None:
         hits = self.hits(reading)
         return hits[-1] if hits and not hits[-1].suppressed_by else None

@@ -1,0 +1,83 @@
+"""The learned backstop: a linear model over the words, word pairs and letter groups of a message
+(as ``text.py`` reads it), trained on the labelled corpus's tuned splits by
+``tools/train_safety_model.py``.  It can only add a firing the rules missed, never silence one:
+rules explain themselves by name, the model by the features that weighed most.
+
+Features are hashed (CRC-32, 2**18 buckets): word unigrams and bigrams, and 3- to 5-letter groups
+inside each word (so "braething" still shares most of its groups with "breathing").  Scores are
+float32 dot products: deterministic on one machine.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+_WORDS = re.compile(r"[a-z0-9]+")
+CHAR_GRAMS = (3, 4, 5)
+
+
+def features(canonical: str) -> list[str]:
+    words = _WORDS.findall(canonical)
+    out = [f"b:{a}_{b}" for a, b in zip(words, words[1:], strict=False)]
+    for w in words:
+        out += _word_features(w)
+    return out
+
+
+@lru_cache(maxsize=65536)
+def _word_features(word: str) -> tuple[str, ...]:
+    padded = f"<{word}>"
+    return (f"w:{word}", *(f"c:{padded[i:i + n]}" for n in CHAR_GRAMS for i in range(len(padded) - n + 1)))
+
+
+@lru_cache(maxsize=262144)
+def _bucket(name: str) -> int:
+    return zlib.crc32(name.encode())
+
+
+def hashed(names: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket indices, value each) of a message: each distinct bucket once, L2-normalised."""
+    idx = np.unique(np.fromiter((_bucket(n) & (dim - 1) for n in names), dtype=np.int64, count=len(names)))
+    return idx, np.full(len(idx), 1.0 / np.sqrt(max(len(idx), 1)), dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Score:
+    p_urgent: float          # probability that the message is an emergency or a crisis
+    p_crisis: float          # given urgent: probability that it is a crisis rather than an emergency
+    top: tuple[str, ...]     # the features that pushed hardest towards urgent
+
+
+class LearnedScreen:
+    def __init__(self, path: Path | str):
+        with np.load(path, allow_pickle=False) as data:
+            self.dim = int(data["dim"])
+            self.w = data["w_urgent"].astype(np.float32)
+            self.b = float(data["b_urgent"])
+            self.w_crisis = data["w_crisis"].astype(np.float32)
+            self.b_crisis = float(data["b_crisis"])
+            self.threshold = float(data["threshold"])
+            self.trained_on = tuple(str(s) for s in data["trained_on"])
+        if self.w.shape != (self.dim,) or self.w_crisis.shape != (self.dim,) or self.dim & (self.dim - 1):
+            raise ValueError(f"{path}: weights do not match dim {self.dim}")
+
+    def score(self, canonical: str) -> Score:
+        names = features(canonical)
+        idx, val = hashed(names, self.dim)
+        z = float(val @ self.w[idx]) + self.b
+        zc = float(val @ self.w_crisis[idx]) + self.b_crisis
+        contrib = {}
+        for name in names:
+            contrib.setdefault(name, self.w[_bucket(name) & (self.dim - 1)])
+        top = tuple(n for n, c in sorted(contrib.items(), key=lambda kv: -kv[1])[:4] if c > 0)
+        return Score(_sigmoid(z), _sigmoid(zc), top)
+
+
+def _sigmoid(z: float) -> float:
+    return float(1.0 / (1.0 + np.exp(-z)))
