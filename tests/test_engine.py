@@ -21,7 +21,7 @@ def test_stream_order_equals_final_text(engine):
             assert request.answer is None  # text arrives before the request is finished
         chunks.append(text)
     answer = request.answer
-    assert len(chunks) > 3 and "".join(chunks) == answer.text
+    assert len(chunks) >= 2 and "".join(chunks) == answer.text
     assert answer.text.startswith(answer.body) and answer.text.endswith(engine.policy.disclaimer)
     assert answer.finish_reason == "truncated" and answer.truncated_by == "max_tokens"
     assert answer.completion_tokens == 64

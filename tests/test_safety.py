@@ -169,9 +169,11 @@ def test_the_learned_backstop_only_adds_and_was_trained_on_tuned_splits_only(pol
     with np.load(str(LEARNED_MODEL), allow_pickle=False) as data:
         assert set(data["trained_on"]) <= set(SPLIT_ROLES["tuned"])
         assert str(data["rules_version"]) == policy.version, "retrain: python tools/train_safety_model.py"
-    why = policy.explain("i feel like everyone would be happier if i just wasnt around anymore")
+    why = policy.explain("i dont see the point anymore, tonight i end it")            # no rule knows this wording
     assert why["decision"]["rule"] == "learned.backstop" and why["learned"]["p_urgent"] >= why["learned"]["threshold"]
     assert why["decision"]["kind"] == "crisis" and why["learned"]["top_features"]
+    why = policy.explain("she keeps being sick and shes gone really pale and clammy, cant stand up")
+    assert why["decision"]["rule"] == "learned.backstop" and why["decision"]["kind"] == "emergency"
     fired_by_rule = policy.explain("hes not braething")
     assert fired_by_rule["learned"] is None                  # never asked when a rule fired: it cannot veto
     quiet = policy.explain("what is the capital of france")

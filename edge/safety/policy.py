@@ -30,6 +30,7 @@ LEARNED_MODEL = DATA / "safety_model.npz"
 LEARNED_RULE = "learned.backstop"
 KINDS = ("emergency", "crisis")
 LANGUAGE_RULE = "language.not_english"
+MAX_SCREENED_CHARS = 16384
 LOOP_MIN_CHARS = 40      # a repeated unit must cover at least this much of the tail
 LOOP_MIN_REPEATS = 4
 LOOP_MAX_UNIT = 64
@@ -52,6 +53,15 @@ class Decision:
 
     def as_json(self) -> dict:
         return asdict(self)
+
+
+def _bounded(question: str) -> str:
+    """At most MAX_SCREENED_CHARS: the head and the tail of a longer message (no question that long
+    fits the model's context; the bound keeps the screen's time under ~0.3 s whatever arrives)."""
+    if len(question) <= MAX_SCREENED_CHARS:
+        return question
+    half = MAX_SCREENED_CHARS // 2
+    return question[:half] + "\n" + question[-half:]
 
 
 def _english_words() -> frozenset[str]:
@@ -138,13 +148,13 @@ class SafetyPolicy:
         return self.learned.score(reading.text)
 
     def check(self, question: str) -> Decision:
-        reading = self.reader.read(question)
+        reading = self.reader.read(_bounded(question))
         hit = self.screen_rules.first(reading)
         return self._decision(hit, reading, self._score(hit, reading))
 
     def explain(self, question: str) -> dict:
         """Why: the reading, every candidate match and what suppressed it, and the decision."""
-        reading = self.reader.read(question)
+        reading = self.reader.read(_bounded(question))
         hits = self.screen_rules.hits(reading, first_only=True)
         fired = hits[-1] if hits and not hits[-1].suppressed_by else None
         score = self._score(fired, reading)

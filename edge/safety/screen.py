@@ -24,6 +24,7 @@ finding anywhere in the message (a head injury *and* vomiting), not negated.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -31,8 +32,10 @@ from .text import Reading
 
 SCOPES = ("before", "earlier", "clause", "sentence", "message")
 _WORD = re.compile(r"[a-z0-9]+")
+_NEGATIVE_START = re.compile(r"\s*(?:not|no|isnt|hasnt|wont|cant|doesnt|dont|never)\b")
+MAX_MATCHES_PER_RULE = 64     # bounds the time a pathological message ("no chest pain " * 1000) can take
 _NAMED = re.compile(r"\{([a-z_]+)\}")
-_IN_SENTENCE = r"(?:[^.!?;\n]|(?<=\d)\.(?=\d))"   # any character but a sentence end
+_IN_SENTENCE = r"(?:[^.!?;\n]|\.(?=\d))"   # any character but a sentence end ("38.5" is no end)
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,11 @@ class Screen:
             if m.group(1) not in self.words:
                 raise ValueError(f"pattern names unknown words {{{m.group(1)}}}")
             return self.words[m.group(1)]
-        # ".{0,40}" never reaches across a sentence: a gap in a pattern stays inside one.
-        return _union([_NAMED.sub(word_class, p).replace(".{", _IN_SENTENCE + "{") for p in patterns])
+        # ".{0,40}" never reaches across a sentence: a gap in a pattern stays inside one.  Every
+        # finding starts at the start of a word: saying so once up front spares the regex engine
+        # trying each alternative inside every word (a fivefold speed-up on the rules).
+        body = _union([_NAMED.sub(word_class, p).replace(".{", _IN_SENTENCE + "{") for p in patterns]).pattern
+        return re.compile(f"(?<![a-z0-9])(?=[a-z0-9])(?:{body})")
 
     # -- context --------------------------------------------------------------------------------
 
@@ -113,13 +119,15 @@ class Screen:
         ctx = self.contexts[name]
         scope = scope or ctx.scope
         start, end = self._region(marks.reading, scope, pos)
-        for m_start, m_end in marks.spans(name):
-            if m_start < start or m_end > end:
+        spans = marks.spans(name)
+        for m_start, m_end in spans[bisect.bisect_left(spans, (start, -1)):]:
+            if m_start >= end:
+                break
+            if m_end > end:
                 continue
             if scope not in ("before", "earlier"):
                 return True
-            if m_start < pos and (ctx.window_words is None
-                                  or len(_WORD.findall(marks.masked, m_end, pos)) < ctx.window_words):
+            if m_start < pos and (ctx.window_words is None or marks.words_between(m_end, pos) < ctx.window_words):
                 return True
         return False
 
@@ -132,6 +140,8 @@ class Screen:
         return tuple(found)
 
     def _with(self, rule: Rule, marks: "_Marks") -> str | None:
+        """A second finding anywhere in the message, not negated (it may lie inside the first: "throat
+        is closing" is both a swelling and a throat; a rule's ``with`` must not list its own weak words)."""
         for m in rule.with_.finditer(marks.reading.text):
             if not self._present(marks, "negation", m.start()):
                 return m.group(0)
@@ -139,18 +149,26 @@ class Screen:
 
     # -- screening ------------------------------------------------------------------------------
 
+    def marks(self, reading: Reading) -> "_Marks":
+        """One message's context markers, found once however many rules and questions ask."""
+        if reading.marks is None:
+            object.__setattr__(reading, "marks", _Marks(self, reading))
+        return reading.marks
+
     def hits(self, reading: Reading, first_only: bool = True) -> list[Hit]:
         """Every match of every rule with what suppressed it; with ``first_only``, stop at the first
         that fired."""
-        marks = _Marks(self, reading)
+        marks = self.marks(reading)
         out: list[Hit] = []
         for rule in self.rules:
-            pos = 0
-            while (m := rule.patterns.search(reading.text, pos)) is not None:
-                pos = m.start() + 1          # a suppressed match must not hide one that overlaps it
+            pos, tries = 0, 0
+            while tries < MAX_MATCHES_PER_RULE and (m := rule.patterns.search(reading.text, pos)) is not None:
+                pos, tries = m.start() + 1, tries + 1   # a suppressed match must not hide one that overlaps it
                 if not m.group(0).strip():
                     continue
                 suppressed = self._suppressed(rule, marks, m.start())
+                if "negation" in suppressed and _NEGATIVE_START.match(m.group(0)):
+                    suppressed = tuple(c for c in suppressed if c != "negation")   # "no, hes not breathing"
                 matched = m.group(0).strip()
                 if not suppressed and rule.with_ is not None:
                     second = self._with(rule, marks)
@@ -166,7 +184,7 @@ class Screen:
     def framed(self, reading: Reading, frames: tuple[str, ...]) -> list[str]:
         """Which of ``frames`` (past, habitual, ...) the message has anywhere, unless it also speaks of
         something acute, happening now, or pleads: where a statistical guess is least safe."""
-        marks = _Marks(self, reading)
+        marks = self.marks(reading)
         if marks.spans("present") or marks.spans("urgent") or marks.spans("acute"):
             return []
         return [name for name in frames if marks.spans(name)]
@@ -184,6 +202,12 @@ class _Marks:
         self.reading = reading
         self.masked = screen.hedges.sub(lambda m: " " * len(m.group(0)), reading.text)
         self._spans: dict[str, list[tuple[int, int]]] = {}
+        self._word_starts: list[int] | None = None
+
+    def words_between(self, start: int, end: int) -> int:
+        if self._word_starts is None:
+            self._word_starts = [m.start() for m in _WORD.finditer(self.masked)]
+        return bisect.bisect_left(self._word_starts, end) - bisect.bisect_left(self._word_starts, start)
 
     def spans(self, name: str) -> list[tuple[int, int]]:
         if name not in self._spans:

@@ -8,6 +8,7 @@ breathing"); rule patterns are regular expressions over it.
 
 from __future__ import annotations
 
+import bisect
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from rapidfuzz.process import extractOne
 
 _APOSTROPHES = dict.fromkeys(map(ord, "'\u2019\u2018\u02bc`\u00b4"), None)
 _TOKEN = re.compile(r"[a-z]+|[0-9]+(?:[.,][0-9]+)?|[.!?;,\n]")
+_LATIN = re.compile(r"[a-z]")
+_OTHER_LETTER = re.compile(r"[^\W\d_a-z]")
 SENTENCE_END = frozenset(".!?;\n")
 PUNCTUATION = SENTENCE_END | {","}
 # "now" starts a clause ("... 3 years ago now my face is drooping") unless it is part of one
@@ -27,8 +30,9 @@ _BEFORE_NOW_IN_CLAUSE = frozenset("right just is are am was were im hes shes its
 def normalise(text: str) -> str:
     """Lower case, no accents, no apostrophes ("don't" -> "dont"), whitespace collapsed."""
     text = unicodedata.normalize("NFKD", text.translate(_APOSTROPHES))
-    text = "".join(c for c in text if not unicodedata.combining(c))
-    text = re.sub(r"([a-z])\1{2,}", r"\1", text.lower())   # "sooo" -> "so", "helppp" -> "help"
+    # combining marks and invisible format characters (zero-width, bidi) would split words
+    text = "".join(c for c in text if not unicodedata.combining(c) and unicodedata.category(c) != "Cf")
+    text = re.sub(r"([a-hj-z])\1{2,}", r"\1", text.lower())   # "sooo" -> "so", "helppp" -> "help" (not "iii")
     return re.sub(r"[ \t\r\f\v]+", " ", text).strip()
 
 
@@ -42,11 +46,13 @@ class Reading:
     words: int = 0
     function_words: tuple[int, int] = (0, 0)    # (English, other languages') function words seen
     letters: tuple[int, int] = (0, 0)           # (Latin, other scripts') letters
+    marks: object = field(default=None, compare=False, repr=False)   # the screen's markers, found once
 
     def span_of(self, spans, pos: int) -> tuple[int, int]:
-        for start, end in spans:
-            if start <= pos < end:
-                return start, end
+        """The span holding ``pos`` (spans are sorted and cover the text)."""
+        k = bisect.bisect_right(spans, (pos, float("inf"))) - 1
+        if k >= 0 and spans[k][0] <= pos < spans[k][1]:
+            return spans[k]
         return 0, len(self.text)
 
     def clause(self, pos: int) -> tuple[int, int]:
@@ -87,8 +93,8 @@ class Reader:
 
     def read(self, message: str) -> Reading:
         text = normalise(message)
-        latin = sum(c.isascii() for c in text if c.isalpha())
-        other = sum(not c.isascii() for c in text if c.isalpha())
+        latin = len(_LATIN.findall(text))
+        other = len(_OTHER_LETTER.findall(text))
         tokens: list[str] = []
         corrections: dict[str, str] = {}
         known = words = english_fw = foreign_fw = 0
