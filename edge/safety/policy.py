@@ -85,7 +85,8 @@ class SafetyPolicy:
             self.min_words_for_language = int(reading["min_words_for_language"])
             self.reader = Reader(reading["lexicon"], _english_words(), reading["spelled_out"],
                                  reading["clause_words"],
-                                 (reading["english_function_words"], reading["foreign_function_words"]))
+                                 (reading["english_function_words"], reading["foreign_function_words"]),
+                                 reading.get("figures", []))
             self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
             self.learned = LearnedScreen(str(LEARNED_MODEL)) if data["learned"]["enabled"] else None
             self.learned_frames = tuple(data["learned"]["not_when"])

@@ -69,7 +69,9 @@ class Reader:
     new clause ("but", "and", "now", ...)."""
 
     def __init__(self, lexicon: list[str], english: frozenset[str], spelled_out: dict[str, str],
-                 clause_words: list[str], function_words: tuple[str, str] = ("", ""), min_fuzzy_len: int = 4):
+                 clause_words: list[str], function_words: tuple[str, str] = ("", ""), figures: list[str] = (),
+                 min_fuzzy_len: int = 4):
+        self.figures = re.compile("|".join(f"(?:{f})" for f in figures)) if figures else None
         self.english_function = frozenset(function_words[0].split())
         self.foreign_function = frozenset(function_words[1].split()) - self.english_function
         self.lexicon = frozenset(lexicon)
@@ -93,6 +95,8 @@ class Reader:
 
     def read(self, message: str) -> Reading:
         text = normalise(message)
+        if self.figures is not None:
+            text = self.figures.sub(" ", text)
         latin = len(_LATIN.findall(text))
         other = len(_OTHER_LETTER.findall(text))
         tokens: list[str] = []
