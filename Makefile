@@ -13,14 +13,18 @@ install: $(STAMP)
 # llama.cpp is compiled for any x86-64 with AVX2, not with -march=native: a native build on a CPU
 # that reports AMX dies with SIGILL in a VM that does not grant AMX state (seen on this project's CI
 # machines). --no-cache-dir: a wheel cached from an earlier native build must not be reused.
+# Extra flags an operator exports (CMAKE_ARGS=-DGGML_CUDA=on for a GPU) are passed on after ours.
 LLAMA_PIN        := $(shell grep -o 'llama-cpp-python==[0-9.]*' pyproject.toml)
+ifeq ($(shell uname -m),x86_64)
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+endif
 LLAMA_STAMP       = $(VENV)/.llama-$(subst ==,-,$(LLAMA_PIN))
 
 $(LLAMA_STAMP):
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir '$(LLAMA_PIN)'
+	test -n "$(LLAMA_PIN)" || { echo "pyproject.toml must pin llama-cpp-python with =="; exit 1; }
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS) $(CMAKE_ARGS)" $(BIN)/python -m pip install --quiet --no-cache-dir '$(LLAMA_PIN)'
 	touch $@
 
 $(STAMP): pyproject.toml $(LLAMA_STAMP)

@@ -265,3 +265,48 @@ def test_empty_or_looping_output_is_replaced(policy, body):
 def test_normal_output_is_kept(policy, body):
     text, replaced = policy.finish(body, truncated=False)
     assert not replaced and text.startswith(body)
+
+
+# Found by a review with fresh eyes: each a kind of mistake, held here so it cannot come back.
+REVIEW_QUIET = [
+    "I ran 10 kms this morning and now my knee hurts",          # text-speak must not shadow English
+    "I've got an odd rash on my arm",
+    "my sore throat is not responding to antibiotics",          # false friends of the collapse words
+    "my son knocked out his front tooth playing football",
+    "I unconsciously clench my jaw, why does it hurt",
+    "I don't get any chest pain, just a cough",                 # a hedge must not swallow a negation
+    "bone contusion on my knee after I hit my head on the door, how long to heal",
+    "drowning in paperwork this week, any tips",                # figures of speech
+]
+REVIEW_FIRES = [
+    "no hes not breathing", "please dont die hes not breathing",      # a negative match stays itself
+    "what do i do my husband collapsed and isnt breathing",           # question words and bystanders
+    "a 70 year old man collapsed in front of me and isnt breathing",
+    "im worried about my husband he has crushing chest pain and is sweating",
+    "my previously healthy husband has crushing chest pain and is sweating",
+    "i put her in the recovery position but she wont wake up",
+    "cut my arm on a broken window and blood is spurting out",       # spelling must not rewrite words
+    "he convulsed on the floor for five minutes",
+    "my hr is 190 and i feel faint",
+]
+
+
+@pytest.mark.parametrize("text", REVIEW_QUIET)
+def test_review_findings_stay_quiet(policy, text):
+    """The rules: the learned backstop may still fire on some everyday wording (docs/safety.md)."""
+    assert policy.screen_rules.first(policy.reader.read(text)) is None, policy.explain(text)
+
+
+@pytest.mark.parametrize("text", REVIEW_FIRES)
+def test_review_findings_fire(policy, text):
+    assert policy.check(text).red_flag, policy.explain(text)
+
+
+@pytest.mark.parametrize("unit", ["no chest pain ", "no fever no cough no chest pain. ", "a "])
+def test_no_message_holds_the_screen_for_long(policy, unit):
+    import time
+
+    text = unit * (100_000 // len(unit))
+    started = time.perf_counter()
+    policy.check(text)
+    assert time.perf_counter() - started < 2.0     # ~0.2 s here; was 36 s at 8 KiB before the bound

@@ -1,7 +1,7 @@
 """The deterministic medical safety policy around the model.
 
 Before: the screen (``screen.py`` over ``text.py``'s reading; rules, lexicon and context markers in
-``data/safety_rules.json``, versioned) short-circuits an emergency happening now to the fixed
+``data/safety_rules.toml``, versioned; ``model.py`` the learned backstop) short-circuits an emergency happening now to the fixed
 emergency message, and self-harm intent to the crisis message, without calling the model.  A message
 mostly not in English gets a fixed notice with the emergency number instead of a silent pass.
 
@@ -88,6 +88,7 @@ class SafetyPolicy:
                                  (reading["english_function_words"], reading["foreign_function_words"]),
                                  reading.get("figures", []))
             self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
+            self.reader.rule_stems = self.screen_rules.literal_stems()
             self.learned = LearnedScreen(str(LEARNED_MODEL)) if data["learned"]["enabled"] else None
             self.learned_frames = tuple(data["learned"]["not_when"])
             unknown = set(self.learned_frames) - set(self.screen_rules.contexts)

@@ -106,6 +106,15 @@ class Screen:
         body = _union([_NAMED.sub(word_class, p).replace(".{", _IN_SENTENCE + "{") for p in patterns]).pattern
         return re.compile(f"(?<![a-z0-9])(?=[a-z0-9])(?:{body})")
 
+    def literal_stems(self) -> list[str]:
+        """The letter runs (5 or more) the rules are written with, sorted: words to keep as typed."""
+        runs = set()
+        for rule in self.rules:
+            for pattern in (rule.patterns, rule.with_):
+                if pattern is not None:
+                    runs.update(re.findall(r"(?<![\\a-z])[a-z]{5,}", pattern.pattern))
+        return sorted(runs)
+
     # -- context --------------------------------------------------------------------------------
 
     def _region(self, reading: Reading, scope: str, pos: int) -> tuple[int, int]:

@@ -72,6 +72,7 @@ class Reader:
                  clause_words: list[str], function_words: tuple[str, str] = ("", ""), figures: list[str] = (),
                  min_fuzzy_len: int = 4):
         self.figures = re.compile("|".join(f"(?:{f})" for f in figures)) if figures else None
+        self.rule_stems: list[str] = []
         self.english_function = frozenset(function_words[0].split())
         self.foreign_function = frozenset(function_words[1].split()) - self.english_function
         self.lexicon = frozenset(lexicon)
@@ -87,11 +88,16 @@ class Reader:
     def _correct(self, word: str) -> str:
         """The lexicon word a misspelling stands for ("sezure" -> "seizure"), else the word itself."""
         if (word in self.lexicon or word in self.english or len(word) < self.min_fuzzy_len
-                or not word.isalpha()):
+                or not word.isalpha() or self._rule_word(word)):
             return word
         allowed = 1 if len(word) <= 6 else 2 if len(word) <= 9 else 3
         best = extractOne(word, self._by_initial.get(word[0], ()), scorer=OSA.distance, score_cutoff=allowed)
         return best[0] if best else word
+
+    def _rule_word(self, word: str) -> bool:
+        """A word the rules spell out themselves ("spurting"): never 'corrected' into another word."""
+        k = bisect.bisect_left(self.rule_stems, word)
+        return k < len(self.rule_stems) and self.rule_stems[k] == word
 
     def read(self, message: str) -> Reading:
         text = normalise(message)
