@@ -238,7 +238,8 @@ def status(ctx, as_json, **engine_opts):
               help="Serial line to the UI firmware: a device (/dev/ttyS1) or a pyserial URL (loop://, "
                    "socket://host:port). Reopened with backoff when it disappears. Repeatable.")
 @click.option("--baud", "baudrate", type=int, default=115200, show_default=True, help="Baud rate of the serial ports.")
-@click.option("--ipc", metavar="PATH", help="Unix socket for a UI on the same machine (mode 0660), e.g. /run/jee1/ui.sock.")
+@click.option("--ipc", metavar="PATH", help="Unix socket for a UI on the same machine (mode 0660): /run/jee1/ui.sock "
+                                          "or unix:///run/jee1/ui.sock.")
 @click.option("--console-port", metavar="URL", help="Serial port of the technician console.")
 @click.option("--console-secret", metavar="FILE", default="/etc/jee1/service.key", show_default=True,
               help="The device's service secret for console logins.")
@@ -250,9 +251,12 @@ def serve(ctx, ui_ports, baudrate, ipc, console_port, console_secret, **engine_o
     (docs/protocol.md) on --ui-port and --ipc, the technician console on --console-port, and keeps a
     status file (``cache.dir``/status.json) current for `jee1 status`.
     """
+    from jee1.firmware_bridge.transports import ipc_path
+
     from .service import run_service
 
     try:
+        ipc = ipc_path(ipc) if ipc is not None else None     # before the model is loaded
         run_service(load_settings(ctx, **engine_opts), quiet=ctx.obj["quiet"], ui_ports=ui_ports,
                     baudrate=baudrate, ipc=ipc, console_port=console_port, console_secret=console_secret)
     except Jee1Error as e:
@@ -293,7 +297,12 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
         client = UIClient(transport)
         client.hello()
         if want_status:
-            click.echo(json.dumps(client.status(), indent=2))
+            status = client.status()
+            if as_json:
+                click.echo(json.dumps(status, indent=2))
+            else:
+                for key, value in status.items():
+                    click.echo(f"{key:<28} {value}")
             return
         reply = client.ask(question, max_tokens, on_text=None if as_json else (lambda t: click.echo(t, nl=False)))
     except (TransportClosed, LinkError, TimeoutError) as e:

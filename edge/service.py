@@ -64,7 +64,9 @@ def run_service(settings, quiet: bool = False, ready: threading.Event | None = N
             from jee1.firmware_bridge.console import start_console
 
             start_console(bridge, console_port, baudrate, console_secret, settings)
-        log.info("jee1 serve: ready (pid %d)", os.getpid())
+        links = [*(f"unix://{ipc}" for _ in [ipc] if ipc), *ui_ports]
+        log.info("jee1 serve: ready (pid %d); UI link on %s%s", os.getpid(), ", ".join(links) or "nothing",
+                 f"; console on {console_port}" if console_port else "")
         if ready:
             ready.set()
         try:

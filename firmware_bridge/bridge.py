@@ -54,8 +54,9 @@ class Outgoing:
 
 
 class Session:
-    def __init__(self, transport, engine, name: str | None = None):
+    def __init__(self, transport, engine, name: str | None = None, service=None):
         self.transport = transport
+        self.service = service          # the BridgeService, for service-wide figures in STATUS
         self.engine = engine
         self.name = name or transport.name
         self.decoder = Decoder()
@@ -271,7 +272,9 @@ class Session:
                 self.pump(out)
 
     def _status(self, frame: Frame, fields: dict, text: str) -> None:
-        status = self.engine.status() | {"link": self.name, **{f"link_{k}": v for k, v in self.stats.items()}}
+        totals = self.service.totals() if self.service is not None else {}
+        status = self.engine.status() | {"link": self.name, **{f"link_{k}": v for k, v in self.stats.items()},
+                                         **{f"service_{k}": v for k, v in totals.items()}}
         for part in fragments(MsgType.STATUS, 0, json.dumps(status, default=str), self.max_payload):
             self.send(part)
 
@@ -312,6 +315,9 @@ class BridgeService:
         self.stop = stop
         self.threads: list[threading.Thread] = []
         self.sessions: list[Session] = []
+        self._totals_lock = threading.Lock()
+        self._closed_totals: dict[str, int] = {}
+        self.connections = 0
 
     def start_serial(self, url: str, baudrate: int) -> None:
         self._spawn(self._serial_loop, url, baudrate, name=f"bridge-serial-{url}")
@@ -337,7 +343,7 @@ class BridgeService:
                 continue
             delay = 0.1
             log.info("UI port %s open at %d baud", url, baudrate)
-            session = Session(transport, self.engine)
+            session = Session(transport, self.engine, service=self)
             self._track(session)
             try:
                 session.run(self.stop)
@@ -356,7 +362,7 @@ class BridgeService:
                     transport = listener.accept()
                     if transport is None:
                         continue
-                    session = Session(transport, self.engine)
+                    session = Session(transport, self.engine, service=self)
                     self._track(session)
                     self._spawn(self._client, session, name="bridge-unix-client")
                 except Exception:   # one bad connection must not close the socket for everyone
@@ -375,9 +381,26 @@ class BridgeService:
         finally:
             _close_quietly(session.transport)
 
+    def totals(self) -> dict:
+        """Link figures over every connection since the service started, closed ones included."""
+        with self._totals_lock:
+            out = dict(self._closed_totals)
+        for session in list(self.sessions):
+            if not session.closed.is_set():
+                for k, v in session.stats.items():
+                    out[k] = out.get(k, 0) + v
+        out["connections"] = self.connections
+        return out
+
     def _track(self, session: Session) -> None:
-        """Keep open sessions (and a few closed ones for status); forget the rest."""
-        self.sessions = [s for s in self.sessions if not s.closed.is_set()][-64:] + [session]
+        """Keep open sessions; fold closed ones into the service totals and forget them."""
+        with self._totals_lock:
+            for s in self.sessions:
+                if s.closed.is_set():
+                    for k, v in s.stats.items():
+                        self._closed_totals[k] = self._closed_totals.get(k, 0) + v
+            self.connections += 1
+        self.sessions = [s for s in self.sessions if not s.closed.is_set()] + [session]
         self.threads = [t for t in self.threads if t.is_alive()]
 
     def join(self, timeout: float = 5.0) -> None:

@@ -126,3 +126,14 @@ class UnixListener:
 
 def unix_path(url: str) -> str | None:
     return url[len("unix://"):] if url.startswith("unix://") else None
+
+
+def ipc_path(value: str) -> str:
+    """``--ipc``: unix:///run/jee1/ui.sock or the bare path; any other scheme is refused."""
+    path = unix_path(value)
+    if path is None and "://" in value:
+        raise InputError(f"--ipc {value}: only a Unix socket is served here (unix:///path/ui.sock or /path/ui.sock)")
+    path = path if path is not None else value
+    if not path:
+        raise InputError("--ipc: the socket path is empty")
+    return path

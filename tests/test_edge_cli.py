@@ -103,13 +103,24 @@ def test_serve_then_status_then_sigterm(tmp_path, dirs):
 
 def test_serve_with_the_ui_link_on_a_unix_socket(tmp_path, dirs):
     sock = tmp_path / "run" / "ui.sock"
-    with serving([*dirs, "--ipc", sock], sock):
+    with serving([*dirs, "--ipc", f"unix://{sock}"], sock):    # the URL form ui-sim takes
         result = jee1("ui-sim", "--port", f"unix://{sock}", "--json", "What is the antidote for heparin?")
         assert result.returncode == 0, result.stderr
         reply = json.loads(result.stdout)
         assert reply["reason"] in ("truncated", "complete") and reply["text"].endswith("qualified clinician.")
-        status = json.loads(jee1("ui-sim", "--port", f"unix://{sock}", "--status").stdout)
-        assert status["requests_served"] >= 1
+        status = json.loads(jee1("ui-sim", "--port", f"unix://{sock}", "--status", "--json").stdout)
+        assert status["requests_served"] >= 1 and status["link_queries"] == 0      # a new connection ...
+        assert status["service_queries"] >= 1 and status["service_connections"] >= 2  # ... the service's totals
+        text = jee1("ui-sim", "--port", f"unix://{sock}", "--status").stdout
+        assert not text.lstrip().startswith("{") and "requests_served" in text      # plain text without --json
+    assert not (Path.cwd() / "unix:").exists()
+
+
+def test_serve_refuses_an_ipc_address_it_cannot_serve_before_loading_the_model(dirs):
+    started = time.monotonic()
+    result = jee1("serve", *dirs, "--ipc", "tcp://0.0.0.0:9000")
+    assert result.returncode == 1 and "only a Unix socket is served here" in result.stderr
+    assert time.monotonic() - started < 10
 
 
 def test_status_without_a_service_loads_the_model(dirs):
