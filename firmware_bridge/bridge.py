@@ -25,6 +25,8 @@ from .protocol import (ANSWER_BUFFER_BYTES, DEFAULT_WINDOW, HEARTBEAT_S, MAX_IN_
 from .transports import SerialTransport, TransportClosed, UnixListener
 
 log = logging.getLogger(__name__)
+MAX_PARTIAL_QUESTIONS = MAX_IN_FLIGHT     # unfinished fragmented questions kept per connection
+PARTIAL_QUESTION_S = 30.0                 # an unfinished question older than this is dropped
 
 FINISH_REASONS = {"complete": DoneReason.COMPLETE, "truncated": DoneReason.TRUNCATED,
                   "cancelled": DoneReason.CANCELLED, "safety": DoneReason.SAFETY, "error": DoneReason.ERROR}
@@ -67,7 +69,7 @@ class Session:
         self.window = DEFAULT_WINDOW
         self.answers: OrderedDict[int, Outgoing] = OrderedDict()
         self.dropped: set[int] = set()
-        self.questions: dict[int, tuple[bytearray, int]] = {}
+        self.questions: OrderedDict[int, tuple[bytearray, int, float]] = OrderedDict()   # unfinished fragments
         self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
                       "answers_dropped": 0, "errors": 0}
         self.last_sent = time.monotonic()
@@ -181,7 +183,8 @@ class Session:
             raise FrameError(ErrorCode.BAD_PAYLOAD, "QUERY needs a non-zero request_id")
         if rid in self.answers and rid not in self.questions:
             return self.error(ErrorCode.DUPLICATE_REQUEST, f"request {rid} is in flight", rid)
-        buffer, _ = self.questions.setdefault(rid, (bytearray(), fields["max_tokens"]))
+        self._expire_questions(keep=rid)
+        buffer, _, _ = self.questions.setdefault(rid, (bytearray(), fields["max_tokens"], time.monotonic()))
         buffer += text.encode()
         if len(buffer) > MAX_QUESTION_BYTES:
             del self.questions[rid]
@@ -204,6 +207,16 @@ class Session:
         self.answers[rid] = out
         self.dropped.discard(rid)
         threading.Thread(target=self._produce, args=(out,), name=f"bridge-{rid}", daemon=True).start()
+
+    def _expire_questions(self, keep: int) -> None:
+        """Unfinished fragmented questions are bounded: at most MAX_PARTIAL_QUESTIONS a connection, each
+        for at most PARTIAL_QUESTION_S; the oldest beyond that is dropped with an ERROR the UI sees."""
+        now = time.monotonic()
+        for rid, (_, _, started) in list(self.questions.items()):
+            too_many = len(self.questions) >= MAX_PARTIAL_QUESTIONS and rid not in (keep,)
+            if rid != keep and (now - started > PARTIAL_QUESTION_S or too_many):
+                del self.questions[rid]
+                self.error(ErrorCode.BAD_PAYLOAD, f"unfinished question {rid} dropped (too old or too many)", rid)
 
     def _produce(self, out: Outgoing) -> None:
         try:
@@ -298,6 +311,7 @@ class Session:
             for out in list(self.answers.values()):
                 if out.request is not None and out.done is None:
                     out.request.cancel()
+            self.questions.clear()   # a closed connection keeps nothing: its unfinished questions go
 
 
 def _close_quietly(closable) -> None:

@@ -574,3 +574,46 @@ def test_the_engine_worker_outlives_a_failing_audit_log(tmp_path, q4_merged):
         assert eng.ask(QUESTION).finish_reason == "error"          # answered, with the failure named
         eng.audit.record = real_record
         assert eng.ask(QUESTION).completion_tokens > 0              # and the worker is still there
+
+
+def test_abandoned_fragments_and_connections_do_not_accumulate(tmp_path, bridge_engine):
+    """A soak of connections that each leave unfinished fragmented questions behind: nothing is kept
+    once they close, and a connection keeps at most 8 unfinished questions (the oldest dropped with
+    an ERROR the UI sees).  RSS before and after is printed; the structures are asserted."""
+    from jee1.firmware_bridge.codec import Frame, pack
+    from jee1.firmware_bridge.protocol import Flags
+    from jee1.procstat import status_bytes
+
+    path = tmp_path / "ui.sock"
+    stop = threading.Event()
+    service = BridgeService(bridge_engine, stop)
+    service.start_unix(str(path))
+    fragment = lambda rid: Frame(MsgType.QUERY, rid, pack(MsgType.QUERY, "x" * 200, max_tokens=0,  # noqa: E731
+                                                          reserved=0), flags=Flags.MORE).encode()
+    try:
+        rss_before = status_bytes("VmRSS")
+        for n in range(400):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.connect(str(path))
+            client = UIClient(SocketTransport(sock, "soak"))
+            client.hello()
+            sock.sendall(b"".join(fragment(rid) for rid in range(1, 13)))   # 12 unfinished questions
+            if n == 0:
+                time.sleep(0.3)
+                live = [s for s in service.sessions if not s.closed.is_set()]
+                assert max(len(s.questions) for s in live) <= 8
+            sock.close()
+        deadline = time.monotonic() + 10
+        while any(not s.closed.is_set() for s in service.sessions) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        last = socket.socket(socket.AF_UNIX)
+        last.connect(str(path))
+        UIClient(SocketTransport(last, "last")).hello()
+        assert len(service.sessions) <= 2 and all(not s.questions for s in service.sessions)
+        assert service.totals()["connections"] >= 401
+        rss_after = status_bytes("VmRSS")
+        print(f"RSS {rss_before / 2**20:.1f} MiB -> {rss_after / 2**20:.1f} MiB after 400 abandoning connections")
+        last.close()
+    finally:
+        stop.set()
+        service.join()
