@@ -71,7 +71,7 @@ class Session:
         self.dropped: set[int] = set()
         self.questions: OrderedDict[int, tuple[bytearray, int, float]] = OrderedDict()   # unfinished fragments
         self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
-                      "answers_dropped": 0, "errors": 0}
+                      "answers_dropped": 0, "errors": 0, "ui_errors": 0}
         self.last_sent = time.monotonic()
         self.last_pong = time.monotonic()
         self.closed = threading.Event()
@@ -153,6 +153,11 @@ class Session:
             return self.send(Frame(MsgType.PONG, 0, pack(MsgType.PONG, nonce=fields["nonce"])))
         if mtype == MsgType.PONG:
             self.last_pong = time.monotonic()
+            return None
+        if mtype == MsgType.ERROR:     # the UI reports a problem with what we sent: log it, never answer it
+            self.stats["ui_errors"] += 1
+            log.warning("%s: the UI reports error %s on request %d: %s", self.name, fields.get("code"),
+                        frame.request_id, text)
             return None
         if not self.ready:
             return self.error(ErrorCode.NOT_READY, "send HELLO first", frame.request_id)

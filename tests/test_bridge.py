@@ -617,3 +617,14 @@ def test_abandoned_fragments_and_connections_do_not_accumulate(tmp_path, bridge_
     finally:
         stop.set()
         service.join()
+
+
+def test_an_error_from_the_ui_is_logged_not_answered(serial_link, caplog):
+    """docs/protocol.md: ERROR goes both ways.  The bridge must not answer it with UNKNOWN_TYPE."""
+    from jee1.firmware_bridge.codec import Frame, pack
+
+    pty, service = serial_link
+    client = client_for(pty)
+    client.send(Frame(MsgType.ERROR, 0, pack(MsgType.ERROR, "display buffer full", code=ErrorCode.OVERSIZE)))
+    assert client.ask(QUESTION).reason != DoneReason.ERROR           # the link carries on, nothing else came
+    assert client.status()["link_ui_errors"] == 1
