@@ -451,6 +451,8 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
     from .eval.runner import EvalConfig, evaluate, read_records
 
     try:
+        if engine_opts.get("model") is not None:
+            raise InputError(f"--model {engine_opts['model']} and MODEL {model_file}: give the model once, as MODEL")
         if text_file and not reference:
             raise InputError("--text needs --reference (the F16 to compare against)")
         if not tasks and not (reference and text_file):

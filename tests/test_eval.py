@@ -234,6 +234,8 @@ def test_eval_cli_errors():
     assert runner.invoke(jee1_cli, ["eval", "m.gguf"]).exit_code == 1
     result = runner.invoke(jee1_cli, ["eval", "m.gguf", "--text", "t.txt"])
     assert result.exit_code == 1 and "--text needs --reference" in result.output
+    result = runner.invoke(jee1_cli, ["eval", "a.gguf", "--model", "b.gguf", "--task", "medqa", "t.jsonl"])
+    assert result.exit_code == 1 and "give the model once" in result.output     # not silently ignored
 
 
 def test_stats():
