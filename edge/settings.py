@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import copy
-import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from jee1.datafiles import read_toml
 from jee1.errors import InputError
 
 DEFAULTS_FILE = resources.files("jee1.edge") / "data" / "default_config.toml"
@@ -17,13 +17,7 @@ KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}  # GGML type ids llama.cpp
 
 
 def _load_toml(path: Path | Any) -> dict:
-    try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: config file does not exist") from None
-    except tomllib.TOMLDecodeError as e:
-        raise InputError(f"{path}: not valid TOML ({e})") from None
+    return read_toml(path, "config")
 
 
 def _merge(base: dict, over: dict, where: str) -> dict:

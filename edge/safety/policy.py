@@ -12,11 +12,11 @@ replaced by the 'could not answer' message.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
+from jee1.datafiles import read_toml
 from jee1.errors import InputError
 
 from .model import LearnedScreen, Score
@@ -102,16 +102,7 @@ class SafetyPolicy:
     @classmethod
     def load(cls, path: str | Path | None = None, pre_model: bool = True, **numbers) -> "SafetyPolicy":
         source = Path(path) if path else RULES_FILE
-        try:
-            with source.open("rb") as f:
-                data = tomllib.load(f)
-        except FileNotFoundError:
-            raise InputError(f"{source}: safety rules file does not exist") from None
-        except OSError as e:
-            raise InputError(f"{source}: cannot read the safety rules ({e.strerror})") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise InputError(f"{source}: safety rules are not valid TOML ({e})") from None
-        return cls(data, str(source), pre_model, **numbers)
+        return cls(read_toml(source, "safety rules"), str(source), pre_model, **numbers)
 
     @classmethod
     def from_settings(cls, safety: dict) -> "SafetyPolicy":
