@@ -192,10 +192,13 @@ class Engine:
                                                                              if checked.signed_by else "")
         else:
             log.warning("%s: manifest verification skipped on request", self.model_path)
-            self.model_sha256, self.verified = None, "not verified"
+            self.model_sha256, self.verified, checked = None, "not verified", None
+        # Load the very file that was hashed: a rename over the model's name after the check changes
+        # nothing.  (A write into that same file while it is memory-mapped would; docs/architecture.md.)
+        self._load_path = (checked.load_path if checked is not None else None) or str(self.model_path)
         self.llama = None
         try:
-            summary = read_gguf(self.model_path)
+            summary = read_gguf(self._load_path)
             self.metadata = summary.metadata
             self.quant = _quant_name(summary)
             self.plan = self._plan_gpu(summary)
@@ -205,11 +208,14 @@ class Engine:
                 self.llama.close()
             self.audit.close()
             raise
+        finally:
+            if checked is not None:
+                checked.close()      # llama.cpp holds its own mapping of the file now
 
     def _start(self, settings: Settings, summary, cache_dir: Path | None) -> None:
         s_rt, s_ans, s_cache, s_audit = (settings[k] for k in ("runtime", "answer", "cache", "audit"))
         self.llama = load_llama(
-            self.model_path, n_ctx=s_rt["n_ctx"], n_threads=s_rt["threads"] or os.cpu_count(),
+            self._load_path, n_ctx=s_rt["n_ctx"], n_threads=s_rt["threads"] or os.cpu_count(),
             n_batch=s_rt["batch"], n_gpu_layers=self.plan.gpu_layers, type_k=KV_TYPES[s_rt["kv_type"]],
             type_v=KV_TYPES[s_rt["kv_type"]], flash_attn=s_rt["flash_attn"], use_mmap=s_rt["mmap"],
             use_mlock=s_rt["mlock"], seed=s_rt["seed"])

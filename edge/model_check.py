@@ -17,6 +17,7 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -41,6 +42,18 @@ class CheckResult:
     sha256: str
     hashed: bool          # False: the verified-result cache answered
     signed_by: str | None  # key id of the trusted key that signed the manifest
+    file: BinaryIO | None = None   # the open file that was checked: load this one, then close() it
+
+    @property
+    def load_path(self) -> str | None:
+        """A path that reaches the very file that was checked, whatever is renamed over the model's
+        name meanwhile (Linux: /proc/self/fd/N); None where there is no such path."""
+        proc = Path(f"/proc/self/fd/{self.file.fileno()}") if self.file is not None else None
+        return str(proc) if proc is not None and proc.exists() else None
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
@@ -137,10 +150,10 @@ class VerifiedCache:
             log.warning("%s: unreadable verified-model cache, ignoring it", self.path)
             return {}
 
-    def lookup(self, model: Path) -> str | None:
+    def lookup(self, model: Path, st: os.stat_result | None = None) -> str | None:
         entry = self._read().get(str(model.resolve()))
         if entry and {k: entry.get(k) for k in ("dev", "ino", "size", "mtime_ns", "ctime_ns")} == \
-                self.identity(model.stat()):
+                self.identity(st or model.stat()):
             return entry["sha256"]
         return None
 
@@ -171,20 +184,27 @@ def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, p
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ModelRejected(f"{mpath}: malformed manifest ({e})") from None
     signed_by = _check_signature(mpath, data, trusted_keys) if trusted_keys else None
-    size = model.stat().st_size
-    if size != expected_size:
-        raise ModelRejected(f"{model}: size {size} differs from the manifest's {expected_size}")
-    cache = VerifiedCache(cache_dir)
-    cached = cache.lookup(model)
-    if cached == expected_sha:
-        if progress is not None:
-            progress.update(size)  # verified before, same size and mtime: nothing to re-hash
-        return CheckResult(manifest, cached, hashed=False, signed_by=signed_by)
-    log.info("verifying %s (%.1f GiB) against its manifest", model.name, size / 2**30)
-    before = model.stat()
-    actual = sha256_file(model, progress)
-    if actual != expected_sha:
-        raise ModelRejected(f"{model}: sha256 {actual[:16]}… differs from the manifest's {expected_sha[:16]}…")
-    if VerifiedCache.identity(model.stat()) == VerifiedCache.identity(before):   # unchanged while hashed
-        cache.store(model, actual, before)
-    return CheckResult(manifest, actual, hashed=True, signed_by=signed_by)
+    try:
+        f = open(model, "rb")     # hashed and then loaded through this one descriptor
+    except OSError as e:
+        raise InputError(f"{model}: cannot open the model ({e.strerror})") from None
+    try:
+        before = os.fstat(f.fileno())
+        if before.st_size != expected_size:
+            raise ModelRejected(f"{model}: size {before.st_size} differs from the manifest's {expected_size}")
+        cache = VerifiedCache(cache_dir)
+        cached = cache.lookup(model, before)
+        if cached == expected_sha:
+            if progress is not None:
+                progress.update(before.st_size)  # verified before, the same file unchanged: no re-hash
+            return CheckResult(manifest, cached, hashed=False, signed_by=signed_by, file=f)
+        log.info("verifying %s (%.1f GiB) against its manifest", model.name, before.st_size / 2**30)
+        actual = sha256_file(f, progress)
+        if actual != expected_sha:
+            raise ModelRejected(f"{model}: sha256 {actual[:16]}… differs from the manifest's {expected_sha[:16]}…")
+        if VerifiedCache.identity(os.fstat(f.fileno())) == VerifiedCache.identity(before):   # unchanged meanwhile
+            cache.store(model, actual, before)
+        return CheckResult(manifest, actual, hashed=True, signed_by=signed_by, file=f)
+    except BaseException:
+        f.close()
+        raise

@@ -249,6 +249,7 @@ class Console:
         s = self.engine.settings["model"]
         try:
             result = check_model(self.engine.model_path, [Path(k) for k in s["trusted_keys"]], None)
+            result.close()
             self.write(f"model OK: sha256 {result.sha256[:16]}... matches its manifest\n")
         except (ModelRejected, InputError) as e:
             self.write(f"model FAILED verification: {e}\n")

@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 MANIFEST_FORMAT = "jee1-manifest/1"
 HASH_CHUNK = 8 * 1024 * 1024
@@ -20,10 +22,12 @@ def manifest_path(model: str | Path) -> Path:
     return model.with_name(model.name + ".manifest.json")
 
 
-def sha256_file(path: str | Path, progress=None) -> str:
-    """sha256 of a file, reading in 8 MiB chunks; ``progress.update(n)`` per chunk when given."""
+def sha256_file(path: str | Path | BinaryIO, progress=None) -> str:
+    """sha256 of a file (a path, or an open binary file read from its start), in 8 MiB chunks;
+    ``progress.update(n)`` per chunk when given."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with contextlib.nullcontext(path) if hasattr(path, "read") else open(path, "rb") as f:
+        f.seek(0)
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
             if progress is not None:

@@ -195,3 +195,29 @@ def test_a_refused_model_is_its_own_audit_event_with_the_reason(model, keys, tmp
     reasons = [e["reason"] for e in events]
     assert "sha256" in reasons[0] and "trusted key" in reasons[1] and "no manifest" in reasons[2]
     assert all(e["model"] == "sm70.gguf" for e in events)
+
+
+def test_a_rename_during_the_check_cannot_get_an_unchecked_file_loaded(model, tmp_path):
+    """The model is hashed and loaded through one open descriptor: a file renamed over the model's
+    name while it is being checked is never what llama.cpp loads."""
+    from jee1.gguf_info import read_gguf
+
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(os.urandom(model.stat().st_size))
+
+    class SwapWhileHashing:
+        swapped = False
+
+        def update(self, n):
+            if not self.swapped:
+                os.replace(garbage, model)          # the attacker's rename, mid-check
+                self.swapped = True
+
+    swapper = SwapWhileHashing()
+    with Engine(engine_settings(model, tmp_path, answer={"max_tokens": 2}), progress=swapper) as eng:
+        assert swapper.swapped and eng.ask("What is the antidote for heparin?").completion_tokens > 0
+        assert eng.status()["sha256"] == json.loads(manifest_path(model).read_text())["model"]["sha256"]
+    with pytest.raises(Exception):
+        read_gguf(model)                            # what the name now holds would not even load
+    with pytest.raises(ModelRejected, match="sha256"):
+        Engine(engine_settings(model, tmp_path / "next"))       # and the next start refuses it
