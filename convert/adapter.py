@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from jee1.datafiles import read_json
 from jee1.errors import InputError
 
-from .checkpoint import Checkpoint, read_json
+from .checkpoint import Checkpoint
 from .safetensors_io import SafetensorsFile
 from .tensor_map import layer_index, module_name, tensor_specs
 

@@ -6,11 +6,11 @@ exists with the right shape, so bad input fails before any output is written.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from jee1.datafiles import read_json
 from jee1.errors import InputError
 
 from .safetensors_io import SafetensorsFile, TensorEntry
@@ -21,21 +21,6 @@ SINGLE_FILE = "model.safetensors"
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM"}
 # rope_scaling types llama.cpp's llama architecture can express -> its GGUF name
 ROPE_SCALING_TYPES = {"linear": "linear", "yarn": "yarn"}
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{path}: missing ({what})") from None
-    except OSError as e:
-        raise InputError(f"{path}: cannot read ({e.strerror})") from e
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise InputError(f"{path}: expected a JSON object ({what})")
-    return data
 
 
 @dataclass(frozen=True)

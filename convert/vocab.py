@@ -8,9 +8,8 @@ from pathlib import Path
 import sentencepiece as spm
 from gguf import TokenType
 
+from jee1.datafiles import read_json
 from jee1.errors import InputError
-
-from .checkpoint import read_json
 
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
