@@ -337,7 +337,7 @@ def safety_check(ctx, texts, rules, as_json, explain):
 
     For clinical reviewers auditing the rules (docs/safety.md). Exit 0 whatever the decisions.
     """
-    from .safety import SafetyPolicy
+    from .safety import Decision, SafetyPolicy
     from .settings import Settings
 
     try:
@@ -348,7 +348,7 @@ def safety_check(ctx, texts, rules, as_json, explain):
     inputs = list(texts) or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for text in inputs:
         why = policy.explain(text) if explain else None
-        d = policy.check(text)
+        d = Decision(**why["decision"]) if why else policy.check(text)    # screened once either way
         if as_json:
             click.echo(json.dumps({"text": text, **d.as_json(), **({"explain": why} if why else {})}, ensure_ascii=False))
             continue

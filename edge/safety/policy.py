@@ -148,8 +148,8 @@ class SafetyPolicy:
     def explain(self, question: str) -> dict:
         """Why: the reading, every candidate match and what suppressed it, and the decision."""
         reading = self.reader.read(_bounded(question))
-        hits = self.screen_rules.hits(reading, first_only=True)
-        fired = hits[-1] if hits and not hits[-1].suppressed_by else None
+        hits = self.screen_rules.hits(reading)
+        fired = self.screen_rules.fired(hits)
         score = self._score(fired, reading)
         return {"canonical": reading.text, "corrections": reading.corrections,
                 "english_share": round(reading.english_share, 3),

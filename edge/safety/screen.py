@@ -164,9 +164,9 @@ class Screen:
             object.__setattr__(reading, "marks", _Marks(self, reading))
         return reading.marks
 
-    def hits(self, reading: Reading, first_only: bool = True) -> list[Hit]:
-        """Every match of every rule with what suppressed it; with ``first_only``, stop at the first
-        that fired."""
+    def hits(self, reading: Reading) -> list[Hit]:
+        """Every candidate match, rule by rule, with what suppressed it, up to the first that fired
+        (then the last one)."""
         marks = self.marks(reading)
         out: list[Hit] = []
         for rule in self.rules:
@@ -186,7 +186,7 @@ class Screen:
                     else:
                         matched = f"{matched} + {second}"
                 out.append(Hit(rule, matched, m.start(), suppressed))
-                if first_only and not suppressed:
+                if not suppressed:
                     return out
         return out
 
@@ -198,9 +198,12 @@ class Screen:
             return []
         return [name for name in frames if marks.spans(name)]
 
-    def first(self, reading: Reading) -> Hit | None:
-        hits = self.hits(reading)
+    @staticmethod
+    def fired(hits: list[Hit]) -> Hit | None:
         return hits[-1] if hits and not hits[-1].suppressed_by else None
+
+    def first(self, reading: Reading) -> Hit | None:
+        return self.fired(self.hits(reading))
 
 
 class _Marks:
