@@ -22,7 +22,8 @@ from jee1.edge.safety.corpus import load_corpus, measure
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "safety"
 SPLITS = tuple(sorted((p.stem for p in CORPUS.glob("*.jsonl")), key=lambda s: (s != "dev", s)))
-TUNED = set(json.loads((CORPUS / "splits.json").read_text())["tuned"])
+ROLES = json.loads((CORPUS / "splits.json").read_text())
+MARK = {**{s: "" for s in ROLES["dev"]}, **{s: "+" for s in ROLES["spent"]}, **{s: "*" for s in ROLES["held_out"]}}
 
 
 def pct(x: float) -> str:
@@ -60,12 +61,13 @@ def main() -> None:
     print(f"{'split':<9} {'recall':>7} {'95% CI':>15} {'false trig.':>12} {'95% CI':>15} {'wrong kind':>10} "
           f"{'median ms':>9} {'p99 ms':>7} {'read-only ms':>12}")
     for split, f in report["splits"].items():
-        print(f"{split + ('' if split in TUNED else '*'):<9} {pct(f['recall']):>7} {pct(f['recall_ci95'][0])}-{pct(f['recall_ci95'][1]).strip():>7} "
+        print(f"{split + MARK.get(split, '?'):<9} {pct(f['recall']):>7} {pct(f['recall_ci95'][0])}-{pct(f['recall_ci95'][1]).strip():>7} "
               f"{f['false_triggers']:>3}/{f['ordinary']:<3} {pct(f['false_trigger_rate'])} "
               f"{pct(f['false_trigger_ci95'][0])}-{pct(f['false_trigger_ci95'][1]).strip():>7} {len(f['wrong_kind']):>10} "
               f"{f['median_ms']:>9.3f} {f['p99_ms']:>7.3f} {f['reading_only_median_ms']:>12.3f}")
         print(f"          caught {f['caught']}/{f['emergencies']}")
-    print("* held out: never tuned to (tests/data/safety/splits.json)")
+    print("+ spent: held out, measured first, then changed for (no longer evidence)   "
+          "* held out: never changed for (tests/data/safety/splits.json)")
     for split, f in report["splits"].items():
         print(f"\n== {split}: per category (caught/emergencies, false triggers/ordinary)")
         for cat, c in f["by_category"].items():

@@ -1,6 +1,6 @@
 """The safety policy.  The pre-model screen is judged on the labelled corpus (tests/data/safety/):
-dev recall is held at 100% and false triggers at <= 2% on every split; the held-out splits' recall
-is reported here, never tuned to (benchmarks/safety_bench.py prints the full table).  Then: each
+the dev splits are held at 100% recall and <= 2% false triggers; spent and held-out splits are
+reported, never asserted on (benchmarks/safety_bench.py prints the full table).  Then: each
 rule's own phrasings, context words that govern only their own words, the crisis and not-English
 kinds, numbers from settings, the reviewers' CLI, and the post-model rules."""
 
@@ -18,8 +18,8 @@ from jee1.errors import InputError
 CORPUS = Path(__file__).parent / "data" / "safety"
 SPLITS = tuple(sorted((p.stem for p in CORPUS.glob("*.jsonl")), key=lambda s: (s != "dev", s)))
 SPLIT_ROLES = json.loads((CORPUS / "splits.json").read_text())
-TUNED = tuple(s for s in SPLITS if s in SPLIT_ROLES["tuned"])
-HELD_OUT = tuple(s for s in SPLITS if s not in SPLIT_ROLES["tuned"])
+DEV = tuple(s for s in SPLITS if s in SPLIT_ROLES["dev"])
+REPORTED = tuple(s for s in SPLITS if s not in SPLIT_ROLES["dev"])      # spent and held out: never asserted on
 MAX_FALSE_TRIGGER_RATE = 0.02
 
 
@@ -33,9 +33,11 @@ def figures(policy):
     return {split: measure(policy, load_corpus(CORPUS / f"{split}.jsonl")) for split in SPLITS}
 
 
-@pytest.mark.parametrize("split", SPLITS)
+@pytest.mark.parametrize("split", ("dev", *REPORTED))
 def test_corpus_is_large_and_broad_enough(split):
-    examples = load_corpus(CORPUS / f"{split}.jsonl")
+    """dev (all dev files together) and every held-out split: at least 200 of each kind, 25 categories."""
+    names = DEV if split == "dev" else (split,)
+    examples = [e for name in names for e in load_corpus(CORPUS / f"{name}.jsonl")]
     emergencies = [e for e in examples if e.label != "ordinary"]
     ordinary = [e for e in examples if e.label == "ordinary"]
     assert len(emergencies) >= 200 and len(ordinary) >= 200
@@ -44,26 +46,25 @@ def test_corpus_is_large_and_broad_enough(split):
     assert len({e.text for e in examples}) == len(examples)
 
 
-def test_dev_recall_is_complete(figures):
-    fig = figures["dev"]
+@pytest.mark.parametrize("split", DEV)
+def test_dev_recall_is_complete(figures, split):
+    fig = figures[split]
     assert fig.recall == 1.0, [m.text for m in fig.misses]
 
 
 def test_every_split_has_a_role():
-    assert set(SPLITS) == set(SPLIT_ROLES["tuned"]) | set(SPLIT_ROLES["held_out"]) & set(SPLITS)
-    assert not set(SPLIT_ROLES["tuned"]) & set(SPLIT_ROLES["held_out"])
+    roles = [set(SPLIT_ROLES[r]) for r in ("dev", "spent", "held_out")]
+    assert set(SPLITS) <= set.union(*roles) and sum(len(r) for r in roles) == len(set.union(*roles))
 
 
-@pytest.mark.parametrize("split", TUNED)
+@pytest.mark.parametrize("split", DEV)
 def test_false_triggers_stay_under_the_ceiling(figures, split):
     fig = figures[split]
     assert fig.false_trigger_rate <= MAX_FALSE_TRIGGER_RATE, [(e.text, rule) for e, rule in fig.triggered]
 
 
-@pytest.mark.parametrize("split", HELD_OUT or ["none"])
-def test_held_out_recall_is_reported(figures, split):
-    if split == "none":
-        pytest.skip("no held-out split left: every split has been tuned to")
+@pytest.mark.parametrize("split", REPORTED)
+def test_spent_and_held_out_splits_are_reported_not_asserted(figures, split):
     fig = figures[split]
     print(f"{split}: recall {fig.caught}/{fig.emergencies}, false triggers {fig.false_triggers}/{fig.ordinary}, "
           f"wrong kind {len(fig.wrong_kind)}")
@@ -167,7 +168,8 @@ def test_the_learned_backstop_only_adds_and_was_trained_on_tuned_splits_only(pol
     from jee1.edge.safety.policy import LEARNED_MODEL
 
     with np.load(str(LEARNED_MODEL), allow_pickle=False) as data:
-        assert set(data["trained_on"]) <= set(SPLIT_ROLES["tuned"])
+        assert set(data["trained_on"]) <= set(SPLIT_ROLES["dev"]) | set(SPLIT_ROLES["spent"])
+        assert not set(data["trained_on"]) & set(SPLIT_ROLES["held_out"])
         assert str(data["rules_version"]) == policy.version, "retrain: python tools/train_safety_model.py"
     why = policy.explain("i dont see the point anymore, tonight i end it")            # no rule knows this wording
     assert why["decision"]["rule"] == "learned.backstop" and why["learned"]["p_urgent"] >= why["learned"]["threshold"]

@@ -1,5 +1,5 @@
-"""Train the safety screen's learned backstop (edge/data/safety_model.npz) on the tuned splits of
-the labelled corpus (tests/data/safety/splits.json), never on a held-out one.
+"""Train the safety screen's learned backstop (edge/data/safety_model.npz) on the dev and spent
+splits of the labelled corpus (tests/data/safety/splits.json), never on a held-out one.
 
     python tools/train_safety_model.py
 
@@ -63,7 +63,8 @@ def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
 
 
 def main() -> None:
-    splits = json.loads((CORPUS / "splits.json").read_text())["tuned"]
+    roles = json.loads((CORPUS / "splits.json").read_text())
+    splits = roles["dev"] + roles["spent"]       # never a held-out split
     policy = SafetyPolicy.load()
     examples = [e for split in splits for e in load_corpus(CORPUS / f"{split}.jsonl")]
     rows = [hashed(features(policy.reader.read(e.text).text), DIM) for e in examples]
