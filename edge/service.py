@@ -70,12 +70,22 @@ def run_service(settings, quiet: bool = False, ready: threading.Event | None = N
         if ready:
             ready.set()
         try:
+            failing = False
             while True:
-                write_json_atomic(path, engine.status() | {"pid": os.getpid(), "service": "running"})
+                try:
+                    write_json_atomic(path, engine.status() | {"pid": os.getpid(), "service": "running"})
+                    failing = False
+                except OSError as e:     # a full or read-only cache folder must not end the service
+                    if not failing:
+                        log.error("%s: cannot write the status file (%s); still serving", path, e.strerror)
+                    failing = True
                 if stop.wait(STATUS_EVERY_S):
                     break
         finally:
             stop.set()
             bridge.join()
-            path.unlink(missing_ok=True)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as e:
+                log.warning("%s: cannot remove the status file (%s)", path, e.strerror)
     log.info("jee1 serve: stopped")

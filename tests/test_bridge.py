@@ -628,3 +628,39 @@ def test_an_error_from_the_ui_is_logged_not_answered(serial_link, caplog):
     client.send(Frame(MsgType.ERROR, 0, pack(MsgType.ERROR, "display buffer full", code=ErrorCode.OVERSIZE)))
     assert client.ask(QUESTION).reason != DoneReason.ERROR           # the link carries on, nothing else came
     assert client.status()["link_ui_errors"] == 1
+
+
+def test_the_service_outlives_a_full_status_folder(tmp_path, small_tmpfs, q4_merged, monkeypatch):
+    """The status file is rewritten every few seconds; a full cache folder is logged and the service
+    goes on answering (it used to end the service with an OSError)."""
+    from conftest import engine_settings, fill_up
+
+    from jee1.edge import service
+
+    monkeypatch.setattr(service, "STATUS_EVERY_S", 0.05)     # the same loop, run faster
+    settings = engine_settings(q4_merged.output, tmp_path, cache={"dir": str(small_tmpfs)}, answer={"max_tokens": 4})
+    sock, ready, stop, failures = tmp_path / "ui.sock", threading.Event(), threading.Event(), []
+
+    def run():
+        try:
+            service.run_service(settings, quiet=True, ready=ready, stop=stop, ipc=str(sock))
+        except BaseException as e:   # noqa: BLE001 - the test reports whatever ended the service
+            failures.append(e)
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        filler = fill_up(small_tmpfs)
+        (small_tmpfs / "status.json").unlink(missing_ok=True)
+        time.sleep(0.5)                                          # several failed status writes
+        assert thread.is_alive() and not failures
+        client_sock = socket.socket(socket.AF_UNIX)
+        client_sock.connect(str(sock))
+        client = UIClient(SocketTransport(client_sock, "test"))
+        client.hello()
+        assert client.ask(QUESTION).tokens > 0
+        filler.unlink()
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not failures
