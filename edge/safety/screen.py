@@ -161,7 +161,7 @@ class Screen:
     def marks(self, reading: Reading) -> "_Marks":
         """One message's context markers, found once however many rules and questions ask."""
         if reading.marks is None:
-            object.__setattr__(reading, "marks", _Marks(self, reading))
+            reading.marks = _Marks(self, reading)
         return reading.marks
 
     def hits(self, reading: Reading) -> list[Hit]:

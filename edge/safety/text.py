@@ -36,7 +36,7 @@ def normalise(text: str) -> str:
     return re.sub(r"[ \t\r\f\v]+", " ", text).strip()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Reading:
     text: str                                   # canonical text
     sentences: tuple[tuple[int, int], ...]      # character spans of `text`
