@@ -4,6 +4,8 @@ Prints, per phase (merge+write, quantize): wall time, MB/s of input, peak RSS of
 the two ratios the converter is held to, against baselines measured in this same run:
   * peak RSS of merge+write  <=  4 x largest tensor in float32 + 500 MB
   * merge+write MB/s         >=  0.5 x a plain copy of the same shard bytes (read + write)
+and the cost of ``--qlora-base nf4`` (the bitsandbytes round trip before the merge): its
+merge+write throughput and peak RSS against the plain merge of the same checkpoint, same run.
 
     python benchmarks/convert_bench.py [--workdir DIR] [--layers N] [--json]
 """
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 
+from jee1.convert.bnb4 import QloraBase
 from jee1.convert.pipeline import ConvertOptions, convert
 from jee1.convert.quant_types import quant_type
 from jee1.convert.tiny import AdapterSpec, TinySpec, build_adapter, build_checkpoint, train_tokenizer
@@ -73,14 +76,16 @@ def main() -> int:
         checkpoint_bytes = sum(p.stat().st_size for p in shards)
         largest_f32 = max(spec.intermediate_size * spec.hidden_size, spec.vocab_size * spec.hidden_size) * 4
 
-        copies, merges, base_only = [], [], []
+        copies, merges, base_only, qlora = [], [], [], []
         for _ in range(args.repeats):
             settle()
             copies.append(plain_copy_mb_per_s(shards, work / "copy.bin"))
-            for adapter_dir, runs in ((adapter, merges), (None, base_only)):
+            for adapter_dir, runs, qlora_base in ((adapter, merges, None), (None, base_only, None),
+                                                  (adapter, qlora, QloraBase("nf4", "bf16", 64, True))):
                 settle()
                 f16 = convert(ConvertOptions(base_dir=base, adapter_dir=adapter_dir, output=work / "bench.F16.gguf",
-                                             quant=quant_type("F16"), threads=args.threads, quiet=True))
+                                             quant=quant_type("F16"), threads=args.threads, quiet=True,
+                                             qlora_base=qlora_base))
                 runs.append(f16.phases["merge+write"])
                 f16.output.unlink()
         settle()
@@ -91,6 +96,8 @@ def main() -> int:
         merge.peak_rss = max(m.peak_rss or 0 for m in merges + [result.phases["merge+write"]])
         quant = result.phases["quantize"]
         base_only_mb_s = statistics.median(m.mb_per_s for m in base_only)
+        qlora_mb_s = statistics.median(m.mb_per_s for m in qlora)
+        qlora_rss = max(m.peak_rss or 0 for m in qlora)
         rss_limit = 4 * largest_f32 + 500 * 2**20
         figures = {
             "checkpoint_bytes": checkpoint_bytes,
@@ -103,6 +110,11 @@ def main() -> int:
                             "peak_rss_bytes": merge.peak_rss},
             "write_without_adapter_mb_per_s": round(base_only_mb_s, 1),
             "ratio_write_without_adapter_vs_copy": round(base_only_mb_s / copy_mb_s, 3),
+            "qlora_nf4_merge_write": {"mb_per_s": round(qlora_mb_s, 1), "peak_rss_bytes": qlora_rss,
+                                      "runs_mb_per_s": [round(m.mb_per_s, 1) for m in qlora]},
+            "ratio_qlora_vs_plain_merge_throughput": round(qlora_mb_s / statistics.median(m.mb_per_s for m in merges), 3),
+            "ratio_qlora_vs_plain_merge_peak_rss": round(qlora_rss / merge.peak_rss, 3) if merge.peak_rss else None,
+            "ratio_qlora_peak_rss_vs_limit": round(qlora_rss / rss_limit, 3),
             "quantize": {"seconds": round(quant.seconds, 2), "mb_per_s": round(quant.mb_per_s, 1),
                          "peak_rss_bytes": quant.peak_rss, "threads": args.threads},
             "output_bytes": result.output.stat().st_size,
@@ -113,7 +125,8 @@ def main() -> int:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
 
-    ok_rss = figures["ratio_merge_peak_rss_vs_limit"] is not None and figures["ratio_merge_peak_rss_vs_limit"] <= 1
+    ok_rss = (figures["ratio_merge_peak_rss_vs_limit"] is not None and figures["ratio_merge_peak_rss_vs_limit"] <= 1
+              and figures["ratio_qlora_peak_rss_vs_limit"] <= 1)
     ok_speed = figures["ratio_merge_throughput_vs_copy"] >= 0.5
     if args.json:
         print(json.dumps(figures | {"rss_target_met": ok_rss, "throughput_target_met": ok_speed}, indent=2))
@@ -126,12 +139,18 @@ def main() -> int:
         print(f"merge+write           {m['mb_per_s']:9.1f} MB/s  {m['seconds']:7.2f} s  peak RSS {m['peak_rss_bytes'] / MB:7.1f} MB"
               f"  (median of {figures['runs']['merge_write_mb_per_s']})")
         print(f"write, no adapter     {base_only_mb_s:9.1f} MB/s  (median; the streaming path without B @ A)")
+        ql = figures["qlora_nf4_merge_write"]
+        print(f"merge+write, qlora nf4{ql['mb_per_s']:9.1f} MB/s  peak RSS {ql['peak_rss_bytes'] / MB:7.1f} MB"
+              f"  (median of {ql['runs_mb_per_s']}; --qlora-base nf4, bf16, double quant)")
         print(f"quantize (Q4_K_M)     {q['mb_per_s']:9.1f} MB/s  {q['seconds']:7.2f} s  peak RSS {q['peak_rss_bytes'] / MB:7.1f} MB"
               f"  ({args.threads} threads)")
         print(f"output                {figures['output_bytes'] / MB:9.1f} MB")
         print(f"merge+write / copy throughput   {figures['ratio_merge_throughput_vs_copy']:.3f}  (target >= 0.5)  "
               f"{'met' if ok_speed else 'MISSED'}")
         print(f"no-adapter write / copy         {figures['ratio_write_without_adapter_vs_copy']:.3f}")
+        print(f"qlora nf4 / plain merge         throughput {figures['ratio_qlora_vs_plain_merge_throughput']:.3f}, "
+              f"peak RSS {figures['ratio_qlora_vs_plain_merge_peak_rss']:.3f}, "
+              f"peak RSS / limit {figures['ratio_qlora_peak_rss_vs_limit']:.3f}")
         print(f"merge+write peak RSS / limit    {figures['ratio_merge_peak_rss_vs_limit']:.3f}  "
               f"(limit 4 x {largest_f32 / MB:.1f} MB + 500 MB = {rss_limit / MB:.0f} MB)  {'met' if ok_rss else 'MISSED'}")
     return 0 if ok_rss and ok_speed else 1

@@ -21,12 +21,14 @@ from jee1.errors import InputError
 
 from .checkpoint import Checkpoint
 from .safetensors_io import SafetensorsFile
+from .torch_pickle import TorchZipFile
 from .tensor_map import layer_index, module_name, tensor_specs
 
 log = logging.getLogger(__name__)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_WEIGHTS_FILE = "adapter_model.bin"    # PEFT before 0.6 and the original QLoRA scripts
 # Keys as PEFT saves them: "base_model.model.<module>.lora_A.weight" (adapter name removed),
 # older files may still carry it: "...lora_A.default.weight".
 _LORA_KEY = re.compile(r"base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight")
@@ -74,7 +76,7 @@ class Adapter:
         self.weights = weights
         self.pairs = pairs      # base weight name -> LoRA pair
         self.saved = saved      # base weight name -> adapter key of its full replacement
-        self.files = [root / CONFIG_FILE, root / WEIGHTS_FILE]
+        self.files = [root / CONFIG_FILE, weights.path]
 
     @property
     def name(self) -> str:
@@ -97,9 +99,12 @@ class Adapter:
             # PEFT resets this to False for torch.nn.Linear targets, which every Llama projection is.
             log.warning("%s: fan_in_fan_out=true is ignored for Llama's nn.Linear layers, as PEFT does", config_path)
         weights_path = root / WEIGHTS_FILE
-        if not weights_path.is_file():
-            raise InputError(f"{weights_path}: missing (adapter weights)")
-        weights = SafetensorsFile(weights_path)
+        if weights_path.is_file():
+            weights = SafetensorsFile(weights_path)
+        elif (root / PICKLE_WEIGHTS_FILE).is_file():
+            weights = TorchZipFile(root / PICKLE_WEIGHTS_FILE)
+        else:
+            raise InputError(f"{weights_path}: missing (adapter weights; {PICKLE_WEIGHTS_FILE} is read too)")
         adapter = cls(root, config, weights, {}, {})
         adapter._index(base)
         return adapter

@@ -15,6 +15,7 @@ from jee1 import __version__
 from jee1.errors import EXIT_CODES, Jee1Error
 from jee1.prompts import DEFAULT_TEMPLATE, template_names
 
+from .bnb4 import BLOCKSIZES, QloraBase
 from .quant_types import DEFAULT_QUANT, QUANT_TYPES, quant_type
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
@@ -27,6 +28,19 @@ def configure_logging(verbose: int, quiet: bool) -> None:
         logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
+def _qlora_base(ctx: click.Context, kind: str, dtype: str, blocksize: int, double_quant: bool) -> QloraBase | None:
+    if kind == "none":
+        given = [f"--{name.replace('_', '-')}" for name in ("qlora_dtype", "qlora_blocksize", "qlora_double_quant")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --qlora-base nf4 or fp4")
+        return None
+    try:
+        return QloraBase(kind, dtype, blocksize, double_quant)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--qlora-blocksize") from None
+
+
 def _terminate(signum, _frame):
     raise SystemExit(128 + signum)  # unwinds through the pipeline's cleanup
 
@@ -35,7 +49,8 @@ def _terminate(signum, _frame):
 @click.version_option(__version__, prog_name="jee1-convert")
 @click.argument("base_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--adapter", "adapter_dir", type=click.Path(path_type=Path, file_okay=False),
-              help="PEFT LoRA/QLoRA adapter directory (adapter_config.json + adapter_model.safetensors). "
+              help="PEFT LoRA/QLoRA adapter directory (adapter_config.json + adapter_model.safetensors, or the "
+                   "adapter_model.bin older PEFT wrote: read without running its pickle). "
                    "Without it the base is converted alone.")
 @click.option("-o", "--output", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Output GGUF path; its manifest is written next to it as OUTPUT.manifest.json.")
@@ -57,17 +72,33 @@ def _terminate(signum, _frame):
               help="Largest mean KL(F16 || quantized) in nats per token the gate accepts.")
 @click.option("--min-top1", type=click.FloatRange(0, 1), default=0.85, show_default=True,
               help="Smallest top-1 agreement with the F16 the gate accepts.")
+@click.option("--qlora-base", type=click.Choice(["none", "nf4", "fp4"]), default="none", show_default=True,
+              help="Merge into the base as QLoRA trained against it: every decoder linear weight replaced by "
+                   "its bitsandbytes 4-bit round trip first (docs/qlora.md). 'none' merges into the 16-bit base. "
+                   "Never for an adapter trained with plain LoRA on a 16-bit base.")
+@click.option("--qlora-dtype", type=click.Choice(["bf16", "fp16", "fp32"]), default="bf16", show_default=True,
+              help="The dtype the QLoRA run loaded the base in (bitsandbytes quantizes the weights as loaded).")
+@click.option("--qlora-blocksize", type=int, default=64, show_default=True,
+              help="Values per 4-bit block: " + ", ".join(map(str, BLOCKSIZES)) + ".")
+@click.option("--qlora-double-quant/--no-qlora-double-quant", default=True, show_default=True,
+              help="Whether the run quantized the block scales again (bnb_4bit_use_double_quant).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings and errors only.")
 @click.option("-v", "--verbose", count=True, help="More log output (llama.cpp's included).")
-def main(base_dir, adapter_dir, output, quant, template, threads, keep_intermediate, verify_against_f16,
-         verify_text, max_kl, min_top1, as_json, quiet, verbose):
+@click.pass_context
+def main(ctx, base_dir, adapter_dir, output, quant, template, threads, keep_intermediate, verify_against_f16,
+         verify_text, max_kl, min_top1, qlora_base, qlora_dtype, qlora_blocksize, qlora_double_quant,
+         as_json, quiet, verbose):
     """Convert a Hugging Face Llama-2 checkpoint (BASE_DIR) and an optional PEFT LoRA adapter
     into a single GGUF for llama.cpp, merged, quantized, verified and checksummed.
 
     \b
     Example (SM70: Llama-2-70B + the MedAlpaca QLoRA adapter):
       jee1-convert llama-2-70b-hf --adapter sm70-qlora -o sm70.Q4_K_M.gguf --quant Q4_K_M
+
+    \b
+    The same adapter merged into the base QLoRA trained against (bitsandbytes NF4, bf16):
+      jee1-convert llama-2-70b-hf --adapter sm70-qlora --qlora-base nf4 -o sm70-nf4.Q4_K_M.gguf
 
     The merge follows PEFT (W + alpha/r * B@A, rsLoRA, rank/alpha patterns, modules_to_save),
     streams one tensor at a time, and writes to a temporary name that is renamed only after
@@ -77,11 +108,14 @@ def main(base_dir, adapter_dir, output, quant, template, threads, keep_intermedi
     signal.signal(signal.SIGTERM, _terminate)
     from .pipeline import ConvertOptions, convert
 
+    round_trip = _qlora_base(ctx, qlora_base, qlora_dtype, qlora_blocksize, qlora_double_quant)
+
     try:
         opts = ConvertOptions(base_dir=base_dir, output=output, quant=quant_type(quant), adapter_dir=adapter_dir,
                               template=template, threads=threads, keep_intermediate=keep_intermediate,
                               quiet=quiet or as_json, verify_against_f16=verify_against_f16,
-                              verify_text=verify_text, max_kl=max_kl, min_top1=min_top1)
+                              verify_text=verify_text, max_kl=max_kl, min_top1=min_top1,
+                              qlora_base=round_trip)
         result = convert(opts)
     except Jee1Error as e:
         click.echo(f"jee1-convert: error: {e}", err=True)

@@ -26,6 +26,7 @@ from jee1.procstat import reset_peak_rss, status_bytes
 from jee1.prompts import DEFAULT_TEMPLATE, load_template
 
 from .adapter import Adapter
+from .bnb4 import QloraBase
 from .checkpoint import Checkpoint
 from .progress import phase_bar
 from .quant_types import QuantType
@@ -55,6 +56,7 @@ class ConvertOptions:
     verify_text: Path | None = None      # default: the medical text shipped in convert/data
     max_kl: float = 0.10                 # mean KL(F16 || quantized) allowed, nats per token
     min_top1: float = 0.85               # top-1 agreement required
+    qlora_base: QloraBase | None = None  # merge into the 4-bit round trip of the base QLoRA trained on
 
 
 @dataclass
@@ -157,7 +159,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     vocab = load_vocab(Path(opts.base_dir), checkpoint.config.vocab_size)
     template_name, template = load_template(opts.template)
     provenance = Provenance(opts.model_name, checkpoint.config.name, adapter.name if adapter else None,
-                            template_name, template)
+                            template_name, template, opts.qlora_base)
 
     plan = tensor_plan(checkpoint, quant.written)
     written_bytes = sum(nbytes for _, _, nbytes in plan) + METADATA_MARGIN
@@ -178,7 +180,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         source_bytes = sum(checkpoint.tensors[spec.hf_name][1].nbytes for spec, _, _ in plan)
         with _Phase(result, "merge+write") as phase, phase_bar("merge+write", source_bytes, opts.quiet) as bar:
             written_type = LlamaFileType.MOSTLY_F16 if quant.needs_llama_quantizer else quant.file_type
-            write_gguf(tmp_written, checkpoint, adapter, vocab, provenance, quant.written, written_type, bar)
+            write_gguf(tmp_written, checkpoint, adapter, vocab, provenance, quant.written, written_type, bar,
+                       qlora_base=opts.qlora_base)
             phase.bytes = source_bytes
         if quant.needs_llama_quantizer:
             from .quantize import quantize
@@ -267,6 +270,7 @@ def _manifest(summary: GgufSummary, model: dict, inputs: list[dict], quant: Quan
             "base": provenance.base_name,
             "adapter": provenance.adapter_name,
             "chat_template": provenance.template_name,
+            "qlora_base": provenance.qlora_base.as_json() if provenance.qlora_base else None,
         },
         "inputs": inputs,
         "tools": {"jee1": __version__, **versions()},

@@ -31,6 +31,8 @@ BLOCK_TENSORS = {
     "mlp.down_proj.weight": ("ffn_down.weight", lambda c: (c.hidden_size, c.intermediate_size)),
 }
 
+DECODER_LINEAR = [suffix for suffix in BLOCK_TENSORS if suffix.endswith("_proj.weight")]
+
 # HF stores Q and K with the rotary halves split ("rotate_half"); llama.cpp's rope pairs
 # adjacent elements, so rows are interleaved per head (convert_hf_to_gguf.py's permute).
 ROTARY_HEADS = {
@@ -54,6 +56,12 @@ class TensorSpec:
     @property
     def is_norm(self) -> bool:
         return len(self.shape) == 1
+
+    @property
+    def is_decoder_linear(self) -> bool:
+        """q, k, v, o, gate, up, down of a layer: what QLoRA stores in 4 bits."""
+        m = _BLOCK.fullmatch(self.hf_name)
+        return m is not None and m.group(2) in DECODER_LINEAR
 
 
 def tensor_specs(config) -> list[TensorSpec]:

@@ -25,6 +25,7 @@ from jee1.errors import InputError
 from jee1.llama_backend import convert_rows
 
 from .adapter import Adapter
+from .bnb4 import QloraBase, TensorRoundTrip
 from .checkpoint import ROPE_SCALING_TYPES, Checkpoint
 from .tensor_map import TensorSpec, rotary_row_order, tensor_specs
 from .vocab import Vocab
@@ -43,6 +44,7 @@ class Provenance:
     adapter_name: str | None
     template_name: str
     template: str
+    qlora_base: QloraBase | None = None   # the merge went into this 4-bit round trip of the base
 
 
 F16_OVERFLOW = 65520.0  # float32 values at or beyond +-65520 round to infinity in float16
@@ -89,9 +91,11 @@ def _view(flat: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class TensorSource:
-    """Where one output tensor's data comes from: a base shard or a modules_to_save copy, plus LoRA."""
+    """Where one output tensor's data comes from: a base shard or a modules_to_save copy, then
+    (``--qlora-base``) the 4-bit round trip QLoRA trained against, then LoRA."""
 
-    def __init__(self, spec: TensorSpec, checkpoint: Checkpoint, adapter: Adapter | None):
+    def __init__(self, spec: TensorSpec, checkpoint: Checkpoint, adapter: Adapter | None,
+                 qlora_base: QloraBase | None = None):
         self.spec = spec
         saved_key = adapter.saved.get(spec.hf_name) if adapter else None
         if saved_key:
@@ -100,20 +104,29 @@ class TensorSource:
             self.file, self.key = checkpoint.tensors[spec.hf_name][0], spec.hf_name
         self.factors = adapter.factors(spec.hf_name) if adapter else None
         self.nbytes = self.file.entries[self.key].nbytes
+        # QLoRA quantized every decoder linear layer, targeted or not; a modules_to_save copy was
+        # trained in full precision and replaces the quantized layer whole.
+        quantized = qlora_base is not None and spec.is_decoder_linear and not saved_key
+        self.round_trip = TensorRoundTrip(qlora_base, spec.shape) if quantized else None
 
     def produce(self, gtype: GGML, buffers: "BufferPool") -> np.ndarray:
         spec = self.spec
         rows = spec.shape[0]
         cols = spec.shape[1] if len(spec.shape) > 1 else 1
         order = rotary_row_order(rows, spec.rotary_heads) if spec.rotary_heads else None
-        out = buffers.take(spec.shape, STORAGE[gtype])
         step = max(1, min(rows, BLOCK_BYTES // (4 * cols)))
         block_buf, delta_buf = _scratch()
+        if self.round_trip is not None:
+            self._observe_blocks(block_buf)
+        out = buffers.take(spec.shape, STORAGE[gtype])
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             index = order[start:stop] if order is not None else slice(start, stop)
             shape = (stop - start,) + spec.shape[1:]
             block = self.file.rows_into(self.key, index, _view(block_buf, shape))
+            if self.round_trip is not None:
+                rows_read = order[start:stop] if order is not None else np.arange(start, stop)
+                self.round_trip.apply(block, rows_read)
             if self.factors is not None:
                 scaled_b, a = self.factors
                 block += np.matmul(scaled_b[index], a, out=_view(delta_buf, shape))
@@ -125,10 +138,23 @@ class TensorSource:
         self.file.release(self.key)
         return out
 
+    def _observe_blocks(self, buf: np.ndarray) -> None:
+        """The round trip's first pass: every block's absmax, rows in file order."""
+        trip, (rows, cols) = self.round_trip, self.spec.shape
+        step = min(rows, trip.chunk_rows(BLOCK_BYTES // (4 * cols)))
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            chunk = self.file.rows_into(self.key, slice(start, stop), _view(buf, (stop - start, cols)))
+            low, high = trip.observe(chunk)
+            if not (np.isfinite(low) and np.isfinite(high)):
+                raise InputError(f"tensor {self.spec.hf_name!r}: NaN or Inf in the input, or beyond the "
+                                 f"range of --qlora-dtype {trip.base.dtype} (file {self.file.path})")
+        trip.finish()
+
     def _check(self, block: np.ndarray, gtype: GGML) -> None:
         low, high = block.min(), block.max()  # both propagate NaN; two fast reductions, no temporaries
         if not (np.isfinite(low) and np.isfinite(high)):
-            where = "after merging the adapter" if self.factors is not None else "in the input"
+            where = ("after merging the adapter" if self.factors is not None else "in the input")
             raise InputError(f"tensor {self.spec.hf_name!r}: NaN or Inf {where} (file {self.file.path})")
         if gtype == GGML.F16 and max(-low, high) >= F16_OVERFLOW:
             raise InputError(f"tensor {self.spec.hf_name!r}: values exceed the F16 range "
@@ -149,6 +175,12 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, vocab: Vocab,
     writer.add_string("general.jee1.base", provenance.base_name)
     writer.add_string("general.jee1.adapter", provenance.adapter_name or "")
     writer.add_string("general.jee1.template", provenance.template_name)
+    qb = provenance.qlora_base
+    writer.add_string("general.jee1.qlora_base", qb.quant_type if qb else "none")
+    if qb:
+        writer.add_string("general.jee1.qlora_dtype", qb.dtype)
+        writer.add_uint32("general.jee1.qlora_blocksize", qb.blocksize)
+        writer.add_bool("general.jee1.qlora_double_quant", qb.double_quant)
 
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -195,7 +227,7 @@ def tensor_plan(checkpoint: Checkpoint, written: GGML) -> list[tuple[TensorSpec,
 
 def write_gguf(path: Path, checkpoint: Checkpoint, adapter: Adapter | None, vocab: Vocab,
                provenance: Provenance, written: GGML, file_type: gguf.LlamaFileType, progress,
-               workers: int = 2) -> None:
+               workers: int = 2, qlora_base: QloraBase | None = None) -> None:
     """Write the merged model to ``path`` (the caller owns atomicity and cleanup)."""
     plan = tensor_plan(checkpoint, written)
     writer = gguf.GGUFWriter(path, arch="llama")
@@ -216,7 +248,7 @@ def write_gguf(path: Path, checkpoint: Checkpoint, adapter: Adapter | None, voca
             pending: deque = deque()
             try:
                 for spec, gtype, _ in plan:
-                    source = TensorSource(spec, checkpoint, adapter)
+                    source = TensorSource(spec, checkpoint, adapter, qlora_base)
                     pending.append((source, pool.submit(source.produce, gtype, buffers)))
                     if len(pending) >= workers:
                         _write_next(writer, pending, progress, buffers)

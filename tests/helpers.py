@@ -84,3 +84,15 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(axis=-1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def llama_logits(path, tokens) -> np.ndarray:
+    """llama.cpp's logits at every position of ``tokens`` (float64, [len(tokens), vocab])."""
+    from jee1.llama_backend import load_llama
+
+    llama = load_llama(path, n_ctx=256, n_threads=2, logits_all=True, seed=0)
+    try:
+        llama.eval(tokens)
+        return np.array(llama.scores[: len(tokens)], dtype=np.float64)
+    finally:
+        llama.close()

@@ -4,23 +4,13 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from helpers import as_stored, peft_merge, read_checkpoint
-from jee1.llama_backend import load_llama
+from helpers import as_stored, llama_logits, peft_merge, read_checkpoint
 from reference_llama import forward
 
 TEXT = "A 62-year-old woman is suddenly short of breath two days after hip surgery; which test confirms it?"
 # F16 weights and llama.cpp's F16 dot products (activations rounded to F16) against a float64
 # reference on the same F16-rounded weights; logits here have a spread of about 4.
 LOGIT_ATOL = 0.05
-
-
-def llama_logits(path, tokens):
-    llama = load_llama(path, n_ctx=256, n_threads=2, logits_all=True, seed=0)
-    try:
-        llama.eval(tokens)
-        return np.array(llama.scores[: len(tokens)], dtype=np.float64)
-    finally:
-        llama.close()
 
 
 @pytest.fixture(scope="module")
