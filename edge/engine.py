@@ -31,12 +31,13 @@ from jee1.procstat import status_bytes
 from jee1.prompts import load_template
 
 from .audit import AuditLog, text_digest
-from .gpu_plan import ModelShape, Plan, accelerator_free_bytes, is_unified_memory_board, plan_offload
+from .gpu_plan import ModelShape, Plan, accelerator_free_bytes, is_unified_memory_board, plan_pair
 from .model_check import ModelRejected, check_model
 from .prompt import PromptLayout
 from .prompt_cache import WarmPrefix, cache_key
 from .safety import Decision, SafetyPolicy
 from .settings import KV_TYPES, Settings
+from .speculative import ModelDraft, PromptLookupDraft, check_same_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ class Answer:
     ttft_s: float | None = None
     total_s: float = 0.0
     error: str | None = None
+    target_steps: int = 0        # target decode calls that produced the answer (fewer than tokens when drafting)
+    draft_proposed: int = 0      # drafted tokens the target verified
+    draft_accepted: int = 0      # of those, kept (equal to the target's own choice)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -196,29 +200,69 @@ class Engine:
         # Load the very file that was hashed: a rename over the model's name after the check changes
         # nothing.  (A write into that same file while it is memory-mapped would; docs/architecture.md.)
         self._load_path = (checked.load_path if checked is not None else None) or str(self.model_path)
-        self.llama = None
+        self.llama = self.draft_llama = None
+        self.draft = self.draft_warm = None
+        draft_checked = None
         try:
             summary = read_gguf(self._load_path)
             self.metadata = summary.metadata
             self.quant = _quant_name(summary)
-            self.plan = self._plan_gpu(summary)
-            self._start(settings, summary, cache_dir)
+            draft_checked, draft_summary = self._open_draft(settings, cache_dir, progress)
+            self.plan, self.draft_plan = self._plan_gpu(summary, draft_summary)
+            self._start(settings, summary, cache_dir, draft_checked, draft_summary)
         except BaseException:
-            if self.llama is not None:
-                self.llama.close()
+            for llama in (self.llama, self.draft_llama):
+                if llama is not None:
+                    llama.close()
             self.audit.close()
             raise
         finally:
-            if checked is not None:
-                checked.close()      # llama.cpp holds its own mapping of the file now
+            for check in (checked, draft_checked):
+                if check is not None:
+                    check.close()      # llama.cpp holds its own mapping of the file now
 
-    def _start(self, settings: Settings, summary, cache_dir: Path | None) -> None:
-        s_rt, s_ans, s_cache, s_audit = (settings[k] for k in ("runtime", "answer", "cache", "audit"))
-        self.llama = load_llama(
-            self._load_path, n_ctx=s_rt["n_ctx"], n_threads=s_rt["threads"] or os.cpu_count(),
-            n_batch=s_rt["batch"], n_gpu_layers=self.plan.gpu_layers, type_k=KV_TYPES[s_rt["kv_type"]],
+    def _open_draft(self, settings: Settings, cache_dir: Path | None, progress):
+        """The draft model's file, checked like the main model's, and its vocabulary against the target's."""
+        rt, s_model = settings["runtime"], settings["model"]
+        if rt["draft"] != "model":
+            return None, None
+        path = Path(rt["draft_model"])
+        checked = None
+        if s_model["verify"]:
+            try:
+                checked = check_model(path, [Path(k) for k in s_model["trusted_keys"]], cache_dir, progress)
+            except (ModelRejected, InputError) as e:
+                self.audit.record("model_refused", model=path.name, role="draft", reason=str(e))
+                raise
+        self._draft_load_path = (checked.load_path if checked is not None else None) or str(path)
+        self.draft_sha256 = checked.sha256 if checked is not None else None
+        try:
+            draft_summary = read_gguf(self._draft_load_path, full_arrays=True)
+            target_tokens = read_gguf(self._load_path, full_arrays=True).metadata["tokenizer.ggml.tokens"]
+            check_same_vocabulary(target_tokens, draft_summary.metadata.get("tokenizer.ggml.tokens", []), path.name)
+        except BaseException:
+            if checked is not None:
+                checked.close()
+            raise
+        self.draft_path, self._target_vocab = path, len(target_tokens)
+        return checked, draft_summary
+
+    def _load(self, path, settings: Settings, gpu_layers: int, **extra):
+        s_rt = settings["runtime"]
+        return load_llama(
+            path, n_ctx=s_rt["n_ctx"], n_threads=s_rt["threads"] or os.cpu_count(),
+            n_batch=s_rt["batch"], n_gpu_layers=gpu_layers, type_k=KV_TYPES[s_rt["kv_type"]],
             type_v=KV_TYPES[s_rt["kv_type"]], flash_attn=s_rt["flash_attn"], use_mmap=s_rt["mmap"],
-            use_mlock=s_rt["mlock"], seed=s_rt["seed"])
+            use_mlock=s_rt["mlock"], seed=s_rt["seed"], **extra)
+
+    def _start(self, settings: Settings, summary, cache_dir: Path | None, draft_checked, draft_summary) -> None:
+        s_rt, s_ans, s_cache, s_audit = (settings[k] for k in ("runtime", "answer", "cache", "audit"))
+        if s_rt["draft"] == "model":
+            self.draft_llama = self._load(self._draft_load_path, settings, self.draft_plan.gpu_layers)
+            self.draft = ModelDraft(self.draft_llama, s_rt["draft_tokens"], self._target_vocab)
+        elif s_rt["draft"] == "prompt-lookup":
+            self.draft = PromptLookupDraft(s_rt["draft_tokens"])
+        self.llama = self._load(self._load_path, settings, self.plan.gpu_layers, draft_model=self.draft)
         self._piece = TokenPieces(self.llama)
         template = self.metadata.get("tokenizer.chat_template") or load_template(s_ans["default_template"])[1]
         self.layout = PromptLayout.from_template(template, s_ans["preamble"])
@@ -232,43 +276,59 @@ class Engine:
             key = cache_key(self._model_identity(), prefix_tokens, s_rt["n_ctx"], s_rt["kv_type"])
             self.warm = WarmPrefix(self.llama, prefix_tokens, key, cache_dir)
             self.warm.prepare()
+            if self.draft_llama is not None:   # the draft keeps its own warm prefix
+                key = cache_key(self.draft_sha256 or f"draft-{self._model_identity()}", prefix_tokens,
+                                s_rt["n_ctx"], s_rt["kv_type"])
+                self.draft_warm = WarmPrefix(self.draft_llama, prefix_tokens, key, cache_dir)
+                self.draft_warm.prepare()
         self.prefix_tokens = prefix_tokens
         self._queue: queue.Queue[_Job | None] = queue.Queue(maxsize=s_ans["queue_size"])
         self._lock = threading.Lock()   # the llama context: the worker, or a maintenance call
         self._stats_lock = threading.Lock()
         self._stats = {"served": 0, "refused_busy": 0, "safety": 0, "cancelled": 0, "errors": 0,
-                       "last_tokens_per_s": None, "tokens_per_s": [], "last_ttft_s": None, "ttft_s": []}
+                       "last_tokens_per_s": None, "tokens_per_s": [], "last_ttft_s": None, "ttft_s": [],
+                       "tokens": 0, "target_steps": 0, "draft_proposed": 0, "draft_accepted": 0}
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="jee1-engine", daemon=True)
         self._worker.start()
         self.audit.record("engine_start", model=self.model_path.name, sha256=self.model_sha256, quant=self.quant,
                           verified=self.verified, gpu_layers=self.plan.gpu_layers, offload=self.plan.kind,
                           safety_rules=self.policy.version, pre_model_safety=self.policy.pre_model,
-                          warm_prefix=self.warm.source if self.warm else "off")
+                          warm_prefix=self.warm.source if self.warm else "off", draft=s_rt["draft"],
+                          draft_model=self.draft_path.name if self.draft_llama else None,
+                          draft_gpu_layers=self.draft_plan.gpu_layers if self.draft_llama else None)
         log.info("engine ready: %s (%s), %s, GPU layers %d/%d (%s), warm prefix %s (%d tokens)",
                  self.model_path.name, self.quant, self.verified, self.plan.gpu_layers, self.plan.total_layers,
                  self.plan.reason, self.warm.source if self.warm else "off", len(prefix_tokens))
 
     # -- setup --------------------------------------------------------------------------------
 
-    def _plan_gpu(self, summary) -> Plan:
+    def _plan_gpu(self, summary, draft_summary) -> tuple[Plan, Plan | None]:
+        """Target first; the draft (and its KV cache) in what the target leaves."""
         rt = self.settings["runtime"]
         shape = ModelShape.from_gguf(summary)
-        total = shape.n_layer + 1
+        draft_shape = ModelShape.from_gguf(draft_summary) if draft_summary is not None else None
+        cpu = lambda s, why: Plan(0, s.n_layer + 1, 0, 0, why) if s is not None else None  # noqa: E731
         if not supports_gpu_offload():
             if not _gpu_notice.is_set():
                 log.warning("llama.cpp was built without GPU support: running on the CPU")
                 _gpu_notice.set()
-            return Plan(0, total, 0, 0, "llama.cpp built without GPU support")
+            why = "llama.cpp built without GPU support"
+            return cpu(shape, why), cpu(draft_shape, why)
         if rt["gpu_layers"] != "auto":
             n = int(rt["gpu_layers"])
-            return Plan(min(n, total), total, 0, 0, "set explicitly")
+            return (Plan(min(n, shape.n_layer + 1), shape.n_layer + 1, 0, 0, "set explicitly"),
+                    cpu(draft_shape, "gpu_layers set explicitly: the draft runs on the CPU"))
         free, source = accelerator_free_bytes()
         reserve = rt["gpu_reserve_mb"] * 2**20 if is_unified_memory_board() else 0
-        plan = plan_offload(shape, rt["n_ctx"], rt["kv_type"], free, reserve, rt["compute_margin_mb"] * 2**20)
-        log.info("GPU offload plan (%s): %s; %d/%d layers, needs %.2f GiB of %.2f GiB budget", source,
-                 plan.reason, plan.gpu_layers, total, plan.needed_bytes / 2**30, plan.budget_bytes / 2**30)
-        return plan
+        plan, draft_plan = plan_pair(shape, draft_shape, rt["n_ctx"], rt["kv_type"], free, reserve,
+                                     rt["compute_margin_mb"] * 2**20)
+        for role, p in (("model", plan), ("draft", draft_plan)):
+            if p is not None:
+                log.info("GPU offload plan for the %s (%s): %s; %d/%d layers, needs %.2f GiB of %.2f GiB budget",
+                         role, source, p.reason, p.gpu_layers, p.total_layers, p.needed_bytes / 2**30,
+                         p.budget_bytes / 2**30)
+        return plan, draft_plan
 
     def _model_identity(self) -> str:
         """What the warm-prefix state is keyed on: the verified hash, else the file's place, size and age."""
@@ -349,6 +409,9 @@ class Engine:
             raise InputError(f"the question is too long: {len(prompt)} prompt tokens, context is {self.llama.n_ctx()}")
         cached = len(self.prefix_tokens) if (self.warm and prompt[:len(self.prefix_tokens)] == self.prefix_tokens
                                              and self.warm.ensure()) else 0
+        if cached and self.draft_warm is not None:
+            self.draft_warm.ensure()
+        drafted_before = self.draft.stats.copy() if self.draft is not None else None
         stream = _Stream(job.stop)
         deadline = started + job.deadline_s
         eos = self.llama.token_eos()
@@ -390,8 +453,13 @@ class Engine:
             text, replaced = self.policy.finish(body, truncated=reason == "truncated")
             # the rest of the final text; a replaced answer is sent whole (Answer.replaced tells the UI)
             job.events.put(("text", "\n\n" + text if replaced else text[len(body):]))
-        return Answer(job.id, text, body, reason, truncated_by, replaced, decision.as_json(), len(prompt), cached,
-                      count, ttft_s=ttft, total_s=time.monotonic() - started)
+        answer = Answer(job.id, text, body, reason, truncated_by, replaced, decision.as_json(), len(prompt), cached,
+                        count, ttft_s=ttft, total_s=time.monotonic() - started, target_steps=max(count, 1))
+        if drafted_before is not None:
+            drafted = self.draft.stats.minus(drafted_before)
+            answer.target_steps = drafted.steps + 1     # the prompt's step, then one per verified draft
+            answer.draft_proposed, answer.draft_accepted = drafted.proposed, drafted.accepted
+        return answer
 
     def _account(self, job: _Job, answer: Answer, decision: Decision) -> None:
         with self._stats_lock:
@@ -414,6 +482,10 @@ class Engine:
         if answer.ttft_s is not None:
             st["last_ttft_s"] = answer.ttft_s
             st["ttft_s"] = (st["ttft_s"] + [answer.ttft_s])[-100:]
+        st["tokens"] += answer.completion_tokens
+        st["target_steps"] += answer.target_steps if answer.completion_tokens else 0
+        st["draft_proposed"] += answer.draft_proposed
+        st["draft_accepted"] += answer.draft_accepted
         if answer.tokens_per_s is not None:
             st["last_tokens_per_s"] = answer.tokens_per_s
             st["tokens_per_s"] = (st["tokens_per_s"] + [answer.tokens_per_s])[-100:]
@@ -443,6 +515,11 @@ class Engine:
             "warm_prefix": self.warm.source if self.warm else "off", "prefix_tokens": len(self.prefix_tokens),
             "safety_rules": self.policy.version, "pre_model_safety": self.policy.pre_model,
             "audit_degraded": self.audit.degraded, "audit_lost_records": self.audit.lost,
+            "draft": self.settings["runtime"]["draft"],
+            "draft_model": self.draft_path.name if self.draft_llama else None,
+            "draft_gpu_layers": self.draft_plan.gpu_layers if self.draft_llama else None,
+            "draft_acceptance_rate": (st["draft_accepted"] / st["draft_proposed"]) if st["draft_proposed"] else None,
+            "tokens_per_target_step": (st["tokens"] / st["target_steps"]) if st["target_steps"] else None,
         }
 
     def close(self) -> None:
@@ -462,6 +539,8 @@ class Engine:
         self.audit.record("engine_stop", served=self._stats["served"])
         self.audit.close()
         self.llama.close()
+        if self.draft_llama is not None:
+            self.draft_llama.close()
 
     def __enter__(self):
         return self

@@ -87,6 +87,21 @@ def plan_offload(shape: ModelShape, n_ctx: int, kv_type: str, free_bytes: int | 
     return Plan(count, total, used, max(budget, 0), reason)
 
 
+def plan_pair(target: ModelShape, draft: ModelShape | None, n_ctx: int, kv_type: str, free_bytes: int | None,
+              reserve_bytes: int, margin_bytes: int) -> tuple[Plan, Plan | None]:
+    """The target placed first; a draft model gets what is left (its KV cache included) only when
+    the whole target is on the accelerator: a target layer there is worth more than a draft layer."""
+    plan = plan_offload(target, n_ctx, kv_type, free_bytes, reserve_bytes, margin_bytes)
+    if draft is None:
+        return plan, None
+    if plan.kind != "all":
+        return plan, Plan(0, draft.n_layer + 1, 0, 0, "the target needs all accelerator memory: draft on the CPU")
+    left = free_bytes - plan.needed_bytes - margin_bytes   # the target's scratch; the draft gets its own
+    draft_plan = plan_offload(draft, n_ctx, kv_type, left, reserve_bytes, margin_bytes)
+    return plan, Plan(draft_plan.gpu_layers, draft_plan.total_layers, draft_plan.needed_bytes, draft_plan.budget_bytes,
+                      f"after the target: {draft_plan.reason}")
+
+
 def nvidia_free_bytes() -> int | None:
     """Free memory of the first NVIDIA GPU (nvidia-smi; NVML underneath), or None."""
     exe = shutil.which("nvidia-smi")

@@ -11,6 +11,8 @@ from typing import Any
 from jee1.datafiles import read_toml
 from jee1.errors import InputError
 
+DRAFT_MODES = ("off", "model", "prompt-lookup")   # runtime.draft (edge/speculative.py)
+
 DEFAULTS_FILE = resources.files("jee1.edge") / "data" / "default_config.toml"
 DEVICE_CONFIG = Path("/etc/jee1/jee1.toml")
 KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 8}  # GGML type ids llama.cpp accepts for the KV cache
@@ -78,8 +80,12 @@ class Settings:
         if not (gl == "auto" or (isinstance(gl, int) and gl >= 0)
                 or (isinstance(gl, str) and gl.isdigit())):
             raise InputError(f"runtime.gpu_layers {gl!r} must be 'auto' or a non-negative integer")
-        for section, key in (("runtime", "n_ctx"), ("runtime", "batch"), ("answer", "max_tokens"),
-                             ("answer", "queue_size")):
+        if rt["draft"] not in DRAFT_MODES:
+            raise InputError(f"runtime.draft {rt['draft']!r} is not one of {', '.join(DRAFT_MODES)}")
+        if rt["draft"] == "model" and not rt["draft_model"]:
+            raise InputError("runtime.draft = \"model\" needs runtime.draft_model (a GGUF path)")
+        for section, key in (("runtime", "n_ctx"), ("runtime", "batch"), ("runtime", "draft_tokens"),
+                             ("answer", "max_tokens"), ("answer", "queue_size")):
             if self.data[section][key] < 1:
                 raise InputError(f"{section}.{key} must be at least 1")
         if ans["deadline_s"] <= 0:

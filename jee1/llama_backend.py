@@ -170,3 +170,29 @@ def versions() -> dict[str, str]:
 
 def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+# -- a context's tokens, for drafts that keep their own context in step with the target's ----------
+
+def context_tokens(llama: "llama_cpp.Llama") -> np.ndarray:
+    """The tokens in ``llama``'s KV cache, in order."""
+    return llama.input_ids[: llama.n_tokens]
+
+
+def rewind(llama: "llama_cpp.Llama", n: int) -> None:
+    """Keep only the first ``n`` tokens of the context (KV cache included)."""
+    if n < llama.n_tokens:
+        llama._ctx.kv_cache_seq_rm(-1, n, -1)
+        llama.n_tokens = n
+
+
+def evaluate(llama: "llama_cpp.Llama", tokens: list[int]) -> None:
+    """Append ``tokens`` to the context; afterwards ``last_logits`` holds the next-token logits."""
+    if tokens:
+        llama.eval(tokens)
+
+
+def last_logits(llama: "llama_cpp.Llama") -> np.ndarray:
+    """Logits after the last evaluated token (a view into llama.cpp's buffer, valid until the next eval)."""
+    ptr = llama_cpp.llama_get_logits_ith(llama._ctx.ctx, -1)
+    return np.ctypeslib.as_array(ptr, shape=(llama.n_vocab(),))

@@ -108,3 +108,24 @@ def test_unified_memory_reads_memavailable(tmp_path):
     meminfo = tmp_path / "meminfo"
     meminfo.write_text("MemTotal:       65536000 kB\nMemFree:         1000 kB\nMemAvailable:   50000000 kB\n")
     assert unified_free_bytes(meminfo) == 50000000 * 1024
+
+
+def test_draft_gets_what_the_target_leaves(shapes):
+    """SM70 on a 64 GB Orin with a 7B draft: the 70B goes whole first, the 7B in what is left."""
+    from jee1.edge.gpu_plan import plan_pair
+
+    t, d = shapes["70B"], shapes["7B"]
+    margin = 512 * 2**20
+    target, draft = plan_pair(t, d, 4096, "f16", 60 * GiB, 2 * GiB, margin)
+    assert target.kind == "all" and draft.kind == "all"
+    assert target.needed_bytes + draft.needed_bytes + 2 * margin + 2 * GiB <= 60 * GiB
+    alone = plan_offload(t, 4096, "f16", 60 * GiB, 2 * GiB, margin)
+    assert target == alone                                    # the draft never costs the target a layer
+    # less memory: the target still whole, the draft only partly
+    free = alone.needed_bytes + 2 * GiB + 2 * margin + (sum(d.layer_bytes) + d.output_bytes) // 2
+    target, draft = plan_pair(t, d, 4096, "f16", free, 2 * GiB, margin)
+    assert target.kind == "all" and draft.kind == "partial" and "after the target" in draft.reason
+    # the target does not fit whole: the draft stays on the CPU
+    target, draft = plan_pair(t, d, 4096, "f16", 32 * GiB, 0, margin)
+    assert target.kind == "partial" and draft.kind == "cpu"
+    assert plan_pair(t, None, 4096, "f16", 60 * GiB, 0, margin)[1] is None
