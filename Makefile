@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/runtime_bench.py
 	$(BIN)/python benchmarks/eval_bench.py
 	$(BIN)/python benchmarks/bridge_bench.py
+	$(BIN)/python benchmarks/speculative_bench.py
 	$(BIN)/python benchmarks/safety_bench.py
 
 clean:

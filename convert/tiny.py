@@ -34,6 +34,7 @@ class TinySpec:
     max_position_embeddings: int = 512
     shards: int = 3
     seed: int = 0
+    output_gain: float = 4.0        # lm_head scale: spreads the logits, so the argmax is stable
 
     def config(self) -> dict:
         return {
@@ -102,7 +103,7 @@ def _weights(spec: TinySpec) -> dict[str, np.ndarray]:
         elif s.hf_name == "model.embed_tokens.weight":
             w = rng.standard_normal(s.shape, dtype=np.float32)
         else:
-            gain = 4.0 if s.hf_name == "lm_head.weight" else 1.0  # spread logits: argmax is stable
+            gain = spec.output_gain if s.hf_name == "lm_head.weight" else 1.0
             w = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(gain / math.sqrt(s.shape[1]))
         weights[s.hf_name] = w.astype(np.float16)
     return weights
