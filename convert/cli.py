@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from jee1 import __version__
-from jee1.errors import EXIT_CODES, Jee1Error
+from jee1.errors import EXIT_CODES, Jee1Error, ResourceError, os_error_line
 from jee1.prompts import DEFAULT_TEMPLATE, template_names
 
 from .bnb4 import BLOCKSIZES, QloraBase
@@ -105,7 +105,9 @@ def main(ctx, base_dir, adapter_dir, output, quant, template, threads, keep_inte
     the result verified: a failed or interrupted run leaves no file under OUTPUT.
     """
     configure_logging(verbose, quiet)
-    signal.signal(signal.SIGTERM, _terminate)
+    from jee1.llama_backend import deferring
+
+    signal.signal(signal.SIGTERM, deferring(_terminate))
     from .pipeline import ConvertOptions, convert
 
     round_trip = _qlora_base(ctx, qlora_base, qlora_dtype, qlora_blocksize, qlora_double_quant)
@@ -120,6 +122,9 @@ def main(ctx, base_dir, adapter_dir, output, quant, template, threads, keep_inte
     except Jee1Error as e:
         click.echo(f"jee1-convert: error: {e}", err=True)
         sys.exit(e.exit_code)
+    except OSError as e:   # a read-only or full target folder, a permission: one line, exit 3
+        click.echo(f"jee1-convert: error: {os_error_line(e)}", err=True)
+        sys.exit(ResourceError.exit_code)
     except KeyboardInterrupt:
         click.echo("jee1-convert: interrupted; no output written", err=True)
         sys.exit(130)

@@ -13,6 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from glob import escape as glob_escape
 from pathlib import Path
 
 import numpy as np
@@ -167,9 +168,14 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     final_bytes = int(params * quant.bits_per_weight / 8) + METADATA_MARGIN
     _check_disk_space(out.parent, written_bytes + (final_bytes if quant.needs_llama_quantizer else 0))
 
-    tag = f".{out.name}.{os.getpid()}"
-    tmp_final = out.with_name(f"{tag}.partial")
-    tmp_written = out.with_name(f"{tag}.f16.partial") if quant.needs_llama_quantizer else tmp_final
+    _remove_stale_partials(out)
+    # Everything is written inside a private folder next to the output.  Removing the folder is the
+    # cleanup: llama.cpp's quantizer, which cannot be stopped once called, can no longer create
+    # its output in a folder that is gone, so an interrupt never leaves a file behind.
+    work = out.with_name(f".{out.name}.{os.getpid()}{PARTIAL_SUFFIX}")
+    work.mkdir()
+    tmp_final = work / "output.gguf"
+    tmp_written = work / "f16.gguf" if quant.needs_llama_quantizer else tmp_final
     kept = None
     if opts.keep_intermediate and quant.needs_llama_quantizer:
         kept = out.with_name(out.name.removesuffix(".gguf") + ".F16.gguf")
@@ -213,13 +219,53 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         if kept is not None:
             os.replace(tmp_written, kept)
             result.intermediate = kept
+        _fsync_dir(out.parent)     # the renames themselves survive a power cut
         return result
     finally:
-        for tmp in {tmp_final, tmp_written}:
-            tmp.unlink(missing_ok=True)
+        for _ in range(3):         # a file created while the folder was being removed: once more
+            shutil.rmtree(work, ignore_errors=True)
+            if not work.exists():
+                break
         checkpoint.close()
         if adapter:
             adapter.close()
+
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove what a killed run (SIGKILL, the OOM killer, a power cut) left beside ``out``:
+    ``.NAME.PID.partial`` whose process is gone.  A run still going is left alone."""
+    for path in out.parent.glob(f".{glob_escape(out.name)}.*{PARTIAL_SUFFIX}"):
+        pid = path.name[len(out.name) + 2:-len(PARTIAL_SUFFIX)]
+        if not pid.isdigit() or _process_alive(int(pid)):
+            continue
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+        log.warning("removing %s (%.1f MiB) left by an earlier run (process %s) that did not finish",
+                    path, size / 2**20, pid)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # someone else's process: alive
+        return True
+    return True
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _quality_gate(opts: ConvertOptions, f16: Path, quantized: Path, checkpoint: Checkpoint) -> dict:

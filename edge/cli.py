@@ -11,7 +11,7 @@ import click
 
 from jee1 import __version__
 from jee1.convert.cli import configure_logging
-from jee1.errors import EXIT_CODES, InputError, Jee1Error
+from jee1.errors import EXIT_CODES, InputError, Jee1Error, ResourceError, os_error_line
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 
@@ -21,7 +21,28 @@ def _fail(e: Jee1Error):
     sys.exit(e.exit_code)
 
 
-@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def _check_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe in it: an OSError here is exit 3 before any long work."""
+    import tempfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder, prefix=".jee1-probe-"):
+        pass
+
+
+class _Commands(click.Group):
+    """Every command: an OSError that reaches here (a read-only or full folder, a permission) is
+    one line and exit 3, never a traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except OSError as e:
+            click.echo(f"jee1: error: {os_error_line(e)}", err=True)
+            sys.exit(ResourceError.exit_code)
+
+
+@click.group(cls=_Commands, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="jee1")
 @click.option("--config", "config_path", type=click.Path(path_type=Path, dir_okay=False),
               help="Device settings (TOML). Default: /etc/jee1/jee1.toml if present, else built-in defaults.")
@@ -460,6 +481,11 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
         missing = {t for t, _ in tasks} - {t for t, _ in fewshot} if k else set()
         if missing:
             raise InputError(f"{k}-shot needs --fewshot files for: {', '.join(sorted(missing))}")
+        for path in [model_file, *([reference] if reference else []), *([text_file] if text_file else []),
+                     *(p for _, p in tasks), *(p for _, p in fewshot)]:
+            if not Path(path).is_file():
+                raise InputError(f"{path}: no such file")
+        _check_writable(out_dir)     # before a model is hashed or loaded: a typo costs a second
         config = EvalConfig(list(tasks), out_dir, mode, style, dict(fewshot), k, seed, strict, limit,
                             quiet=ctx.obj["quiet"] or as_json)
         runs, records = [], []

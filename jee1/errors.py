@@ -30,7 +30,13 @@ EXIT_CODES = {
     0: "success",
     1: "bad input (the message names the file or tensor)",
     2: "usage error (unknown option, missing argument)",
-    3: "environment problem (disk space, llama.cpp failure)",
+    3: "environment problem (a folder read-only or full, permission denied, not enough disk space, llama.cpp failure)",
     4: "verification failed: converter output not kept, or a model refused by its manifest/signature",
     5: "engine busy (request queue full)",
 }
+
+
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError a user can cause: the path, then what the system said."""
+    paths = [p for p in (e.filename, e.filename2) if p]
+    return f"{' -> '.join(map(str, paths))}: {e.strerror or e}" if paths else str(e.strerror or e)

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import io
 import logging
+import signal
 import sys
 import threading
 from pathlib import Path
@@ -70,6 +71,57 @@ def _callback(level: int, text: bytes, _user_data) -> None:
     _emit(level, text.decode("utf-8", errors="replace"))
 
 
+# An exception raised inside a ctypes callback is printed and dropped by ctypes.  Python runs a
+# signal handler wherever the main thread happens to be, and during a model load that is often
+# the log callback above: a Ctrl-C (KeyboardInterrupt) or SIGTERM (SystemExit) raised there would
+# be lost and the run would go on (seen: 27 of 40).  So the handlers of SIGINT and SIGTERM are
+# wrapped: inside the callback they only note the signal, and ``raise_deferred``, called when
+# llama.cpp returns, runs the handler.
+_deferred: list[tuple[object, int]] = []
+
+
+def _in_log_callback(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_name == "_callback" and frame.f_globals.get("__name__") == __name__:
+            return True
+        frame = frame.f_back
+    return False
+
+
+def deferring(handler):
+    """``handler`` for ``signal.signal``, held back while llama.cpp is calling into Python."""
+    if getattr(handler, "jee1_deferring", False) or not callable(handler):
+        return handler
+
+    def wrapped(signum, frame):
+        if _in_log_callback(frame):
+            _deferred.append((handler, signum))
+            return
+        handler(signum, frame)
+
+    wrapped.jee1_deferring = True
+    return wrapped
+
+
+def defer_signals(*signums: int) -> None:
+    """Wrap the current handlers of ``signums`` (main thread only; CLIs call it after installing theirs)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum in signums:
+        signal.signal(signum, deferring(signal.getsignal(signum)))
+
+
+def raise_deferred() -> None:
+    """Run the handler of a signal that arrived while llama.cpp was calling back into Python."""
+    if _deferred:
+        handler, signum = _deferred[0]
+        _deferred.clear()
+        handler(signum, None)
+
+
+defer_signals(signal.SIGINT, signal.SIGTERM)
+
+
 def route_llama_log() -> None:
     """Send llama.cpp's log (and ggml's) to ``logging``; idempotent, called on import."""
     llama_cpp.llama_log_set(_callback, ctypes.c_void_p(0))
@@ -101,6 +153,11 @@ def load_llama(path, **kwargs) -> "llama_cpp.Llama":
     with captured_stderr_prints():
         llama = llama_cpp.Llama(model_path=str(path), verbose=True, **kwargs)
     llama.verbose = False  # later Python-side prints (generate's cache notes) stay off
+    try:
+        raise_deferred()
+    except BaseException:
+        llama.close()
+        raise
     return llama
 
 
@@ -124,12 +181,14 @@ def vocab_token_count(path) -> int | None:
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        return None
     try:
+        if not model:
+            return None
         return int(llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model)))
     finally:
-        llama_cpp.llama_model_free(model)
+        if model:
+            llama_cpp.llama_model_free(model)
+        raise_deferred()
 
 
 # llama.cpp's own SIMD row converters (ggml-cpu.h), the same rounding llama.cpp applies, and
@@ -190,6 +249,7 @@ def evaluate(llama: "llama_cpp.Llama", tokens: list[int]) -> None:
     """Append ``tokens`` to the context; afterwards ``last_logits`` holds the next-token logits."""
     if tokens:
         llama.eval(tokens)
+        raise_deferred()
 
 
 def last_logits(llama: "llama_cpp.Llama") -> np.ndarray:

@@ -90,6 +90,22 @@ def small_tmpfs(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
+@pytest.fixture
+def readonly_mount(tmp_path):
+    """A real read-only filesystem (tmpfs mounted ro); skipped where mounting needs root we lack."""
+    import subprocess
+
+    mnt = tmp_path / "readonly"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1g", "tmpfs", str(mnt)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
 def fill_up(folder: Path) -> Path:
     """Write a file until the filesystem under ``folder`` is full; return it (delete it to free the space)."""
     filler = folder / "filler"
