@@ -493,7 +493,7 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
             settings = load_settings(ctx, **(engine_opts | {"model": path}), pre_model_safety=pre_model_safety)
             with Engine(settings) as engine:
                 runs.append(evaluate(engine, config, label))
-            records.append(read_records(out_dir / f"{label}.records.jsonl"))
+            records.append(read_records(out_dir / runs[-1]["records"], runs[-1]["run_key"]))
         comparison = report.paired(records[0], records[1]) if len(records) == 2 else None
         divergence = None
         if reference and text_file:

@@ -188,7 +188,8 @@ def test_generate_mode_counts_unparseable(tmp_path, files, q4_merged):
     out = tmp_path / "out"
     run_cli(*common(tmp_path, q4_merged.output), "--task", "medqa", files["medqa"], "--mode", "generate", "--out", out)
     medqa = json.loads((out / "results.json").read_text())["runs"][0]["tasks"]["medqa"]
-    records = [json.loads(line) for line in (out / "model.records.jsonl").read_text().splitlines()]
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    records = [json.loads(line) for line in (out / run["records"]).read_text().splitlines()]
     assert medqa["unparseable"] == sum(r["predicted"] is None for r in records) and len(records) == 6
     assert all(r["correct"] is False for r in records if r["predicted"] is None)
 
@@ -198,13 +199,36 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, files, e
     full = evaluate(eval_engine, config, "model")
     partial_dir = tmp_path / "partial"
     partial_dir.mkdir()
-    lines = (tmp_path / "full" / "model.records.jsonl").read_text().splitlines(keepends=True)
-    (partial_dir / "model.records.jsonl").write_text("".join(lines[:4]) + lines[4][:17])  # cut mid-record
+    lines = (tmp_path / "full" / full["records"]).read_text().splitlines(keepends=True)
+    (partial_dir / full["records"]).write_text("".join(lines[:4]) + lines[4][:17])  # cut mid-record
     resumed = evaluate(eval_engine, EvalConfig(config.tasks, partial_dir, quiet=True), "model")
+    assert resumed["records"] == full["records"]
     for task in ("medqa", "pubmedqa"):
         a, b = full["tasks"][task], resumed["tasks"][task]
         assert (a["correct"], a["acc"], a["correct_norm"]) == (b["correct"], b["acc"], b["correct_norm"])
-    assert read_records(partial_dir / "model.records.jsonl").keys() == read_records(tmp_path / "full" / "model.records.jsonl").keys()
+    assert (read_records(partial_dir / full["records"]).keys()
+            == read_records(tmp_path / "full" / full["records"]).keys())
+
+
+def test_a_second_model_or_setting_never_reuses_another_runs_records(tmp_path, files, f16_merged, q4_merged):
+    """Eval B into the --out of an earlier run of A: B's own answers, in its own records file."""
+    out = tmp_path / "out"
+    run_cli(*common(tmp_path, f16_merged.output), "--task", "medqa", files["medqa"], "--out", out)
+    first = json.loads((out / "results.json").read_text())["runs"][0]
+    run_cli(*common(tmp_path, q4_merged.output), "--task", "medqa", files["medqa"], "--out", out)
+    second = json.loads((out / "results.json").read_text())["runs"][0]
+    assert first["records"] != second["records"] and first["run_key"] != second["run_key"]
+    a = read_records(out / first["records"])
+    b = read_records(out / second["records"])
+    assert a.keys() == b.keys()
+    assert any(a[key]["logprobs"] != b[key]["logprobs"] for key in a)    # measured, not copied
+    # same model, another setting (one shot): a third file; the first is untouched
+    before = (out / first["records"]).read_bytes()
+    run_cli(*common(tmp_path, f16_merged.output), "--task", "medqa", files["medqa"], "--fewshot", "medqa",
+            files["shots"], "-k", "1", "--out", out)
+    third = json.loads((out / "results.json").read_text())["runs"][0]
+    assert third["records"] not in (first["records"], second["records"])
+    assert (out / first["records"]).read_bytes() == before
 
 
 def test_kl_of_a_model_against_itself_is_zero_and_against_a_quantized_copy_positive(tmp_path, f16_merged, q4_merged):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,17 +39,45 @@ class EvalConfig:
     quiet: bool = False
 
 
-def read_records(path: Path) -> dict[tuple[str, str], dict]:
+def read_records(path: Path, run_key: str | None = None) -> dict[tuple[str, str], dict]:
+    """The records of ``path``; with ``run_key``, only those that run wrote (a foreign line is ignored)."""
     done = {}
     if path.is_file():
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
                     record = json.loads(line)
-                    done[(record["task"], record["id"])] = record
-                except (json.JSONDecodeError, KeyError):
+                    if run_key is None or record["run"] == run_key:
+                        done[(record["task"], record["id"])] = record
+                except (json.JSONDecodeError, KeyError, TypeError):
                     continue  # a line cut by an interruption: that question is simply run again
     return done
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def run_key(engine, config: EvalConfig, style: PromptStyle) -> dict:
+    """Everything a record's answer depends on.  Records are reused only under the same key."""
+    return {
+        "model_sha256": engine.model_sha256 or engine._model_identity(),
+        "tasks": {task: _file_sha256(path) for task, path in config.tasks},
+        "fewshot": {task: _file_sha256(path) for task, path in sorted(config.fewshot.items())} if config.k else {},
+        "mode": config.mode, "style": config.style, "k": config.k, "seed": config.seed,
+        "template_sha256": hashlib.sha256(json.dumps([style.name, style.chat_template, style.system]).encode()).hexdigest(),
+        "pre_model_safety": engine.policy.pre_model,
+    }
+
+
+def records_path(out_dir: Path, engine, key: dict) -> Path:
+    """``<model file stem>.<run key>.records.jsonl``: one file per model and run."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    return out_dir / f"{engine.model_path.name.removesuffix('.gguf')}.{digest}.records.jsonl"
 
 
 def _drop_partial_line(path: Path) -> None:
@@ -68,21 +97,25 @@ def evaluate(engine, config: EvalConfig, label: str) -> dict:
     config.out_dir.mkdir(parents=True, exist_ok=True)
     style = PromptStyle(config.style, engine.metadata.get("tokenizer.chat_template") or None,
                         engine.settings["answer"]["preamble"] if config.style == "chat" else None)
-    records_path = config.out_dir / f"{label}.records.jsonl"
-    _drop_partial_line(records_path)
-    done = read_records(records_path)
+    key = run_key(engine, config, style)
+    path_ = records_path(config.out_dir, engine, key)
+    key_digest = path_.name.split(".")[-3]
+    _drop_partial_line(path_)
+    done = read_records(path_, key_digest)
     results = {"model": label, "file": engine.model_path.name, "sha256": engine.model_sha256, "quant": engine.quant,
                "mode": config.mode, "style": config.style, "k_shot": config.k, "seed": config.seed,
-               "pre_model_safety": engine.policy.pre_model, "tasks": {}}
-    with open(records_path, "a", encoding="utf-8") as records:
+               "pre_model_safety": engine.policy.pre_model, "run_key": key_digest, "run": key,
+               "records": path_.name, "tasks": {}}
+    with open(path_, "a", encoding="utf-8") as records:
         for task, path in config.tasks:
             taskfile = read_task(task, path, config.strict)
             pool = read_task(task, config.fewshot[task], config.strict).items if config.k else []
-            results["tasks"][task] = _run_task(engine, config, style, taskfile, pool, done, records)
+            results["tasks"][task] = _run_task(engine, config, style, taskfile, pool, done, records, key_digest)
     return results
 
 
-def _run_task(engine, config: EvalConfig, style: PromptStyle, taskfile: TaskFile, pool, done, records) -> dict:
+def _run_task(engine, config: EvalConfig, style: PromptStyle, taskfile: TaskFile, pool, done, records,
+              key_digest: str) -> dict:
     items = taskfile.items[:config.limit] if config.limit else taskfile.items
     example_prompt, started, fresh = None, time.monotonic(), 0
     scorer = LoglikScorer(engine.llama) if config.mode == "loglik" else None
@@ -93,7 +126,7 @@ def _run_task(engine, config: EvalConfig, style: PromptStyle, taskfile: TaskFile
             example_prompt = example_prompt or prompt.context
             key = (item.task, item.id)
             if key not in done:
-                done[key] = _score(engine, scorer, prompt, item, config)
+                done[key] = {"run": key_digest} | _score(engine, scorer, prompt, item, config)
                 records.write(json.dumps(done[key], ensure_ascii=False) + "\n")
                 records.flush()
                 os.fsync(records.fileno())
