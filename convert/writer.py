@@ -171,16 +171,18 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, vocab: Vocab,
         writer.add_finetune(provenance.adapter_name)
     writer.add_base_model_count(1)
     writer.add_base_model_name(0, provenance.base_name)
-    writer.add_string("general.jee1.converter", f"jee1-convert {__version__}")
-    writer.add_string("general.jee1.base", provenance.base_name)
-    writer.add_string("general.jee1.adapter", provenance.adapter_name or "")
-    writer.add_string("general.jee1.template", provenance.template_name)
+    # our own keys live under "jee1.", outside the reserved "general." namespace (files written
+    # before used "general.jee1.*"; they still load and inspect)
+    writer.add_string("jee1.converter", f"jee1-convert {__version__}")
+    writer.add_string("jee1.base", provenance.base_name)
+    writer.add_string("jee1.adapter", provenance.adapter_name or "")
+    writer.add_string("jee1.template", provenance.template_name)
     qb = provenance.qlora_base
-    writer.add_string("general.jee1.qlora_base", qb.quant_type if qb else "none")
+    writer.add_string("jee1.qlora_base", qb.quant_type if qb else "none")
     if qb:
-        writer.add_string("general.jee1.qlora_dtype", qb.dtype)
-        writer.add_uint32("general.jee1.qlora_blocksize", qb.blocksize)
-        writer.add_bool("general.jee1.qlora_double_quant", qb.double_quant)
+        writer.add_string("jee1.qlora_dtype", qb.dtype)
+        writer.add_uint32("jee1.qlora_blocksize", qb.blocksize)
+        writer.add_bool("jee1.qlora_double_quant", qb.double_quant)
 
     writer.add_context_length(c.max_position_embeddings)
     writer.add_embedding_length(c.hidden_size)
@@ -189,6 +191,8 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, vocab: Vocab,
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_rope_dimension_count(c.head_dim)
+    writer.add_key_length(c.head_dim)          # as llama.cpp's own converter writes them
+    writer.add_value_length(c.head_dim)
     writer.add_rope_freq_base(c.rope_theta)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_vocab_size(c.vocab_size)
@@ -199,6 +203,7 @@ def _add_metadata(writer: gguf.GGUFWriter, checkpoint: Checkpoint, vocab: Vocab,
         if "original_max_position_embeddings" in c.rope_scaling:
             writer.add_rope_scaling_orig_ctx_len(int(c.rope_scaling["original_max_position_embeddings"]))
     writer.add_file_type(file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     writer.add_tokenizer_model("llama")
     writer.add_tokenizer_pre("default")

@@ -181,7 +181,10 @@ def test_inspect_reports_metadata_and_types(q4_merged):
     assert meta["general.name"] == "SM70" and meta["general.architecture"] == "llama"
     assert meta["llama.attention.head_count_kv"] == 2 and meta["llama.attention.head_count"] == 4
     assert meta["tokenizer.ggml.tokens"] == {"array_of": "string", "length": 512}
-    assert meta["general.jee1.template"] == "medalpaca"
+    assert meta["jee1.template"] == "medalpaca" and not any(k.startswith("general.jee1") for k in meta)
+    head_dim = 256 // 4
+    assert meta["llama.attention.key_length"] == meta["llama.attention.value_length"] == head_dim
+    assert meta["general.quantization_version"] == 2
     assert "### Instruction:" in meta["tokenizer.chat_template"]
     assert info["tensor_types"]["Q4_K"]["tensors"] == 13
     text = CliRunner().invoke(jee1_cli, ["inspect", str(q4_merged.output)]).output

@@ -183,13 +183,13 @@ def test_converter_merges_into_the_round_trip_of_every_decoder_linear(tmp_path, 
     np.testing.assert_array_equal(got["output.weight"], weights["lm_head.weight"])
     assert result.manifest_data["model"]["qlora_base"] == base.as_json()
     meta = read_gguf(result.output).metadata
-    assert (meta["general.jee1.qlora_base"], meta["general.jee1.qlora_dtype"],
-            meta["general.jee1.qlora_blocksize"], meta["general.jee1.qlora_double_quant"]) == ("nf4", "bf16", 64, True)
+    assert (meta["jee1.qlora_base"], meta["jee1.qlora_dtype"],
+            meta["jee1.qlora_blocksize"], meta["jee1.qlora_double_quant"]) == ("nf4", "bf16", 64, True)
 
 
 def test_plain_merge_is_recorded_as_none(f16_merged):
     assert f16_merged.manifest_data["model"]["qlora_base"] is None
-    assert read_gguf(f16_merged.output).metadata["general.jee1.qlora_base"] == "none"
+    assert read_gguf(f16_merged.output).metadata["jee1.qlora_base"] == "none"
 
 
 @pytest.mark.parametrize("value,dtype", [(np.nan, "bf16"), (np.inf, "bf16"), (1e5, "fp16")])
