@@ -22,10 +22,12 @@ EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXI
 
 
 def configure_logging(verbose: int, quiet: bool) -> None:
+    """Both commands' -q / -v; may be called again (``jee1 eval -q`` after ``jee1``'s own options)."""
     level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not verbose:  # gguf-py narrates every write at INFO
-        logging.getLogger("gguf").setLevel(logging.WARNING)
+    logging.getLogger().setLevel(level)
+    # gguf-py narrates every write at INFO
+    logging.getLogger("gguf").setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def _qlora_base(ctx: click.Context, kind: str, dtype: str, blocksize: int, double_quant: bool) -> QloraBase | None:

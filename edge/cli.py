@@ -63,7 +63,7 @@ def main(ctx, config_path, verbose, quiet):
     jee1 demo                  tiny end-to-end demo without the real model
     """
     configure_logging(verbose, quiet)
-    ctx.obj = {"quiet": quiet, "config": config_path}
+    ctx.obj = {"quiet": quiet, "verbose": verbose, "config": config_path}
 
 
 @main.command(epilog=EPILOG)
@@ -526,3 +526,22 @@ def service_response(secret_path, challenge):
         click.echo(response_for(load_secret(secret_path), challenge))
     except Jee1Error as e:
         _fail(e)
+
+
+def _verbosity_after_the_command(ctx, param, value):
+    """-q / -v given after the command name (``jee1 eval -q``) mean what they mean before it."""
+    if not value:
+        return
+    root = ctx.find_root()
+    root.obj["quiet"] = root.obj["quiet"] or param.name == "late_quiet"
+    root.obj["verbose"] = root.obj.get("verbose", 0) + (value if param.name == "late_verbose" else 0)
+    configure_logging(root.obj["verbose"], root.obj["quiet"])
+
+
+for _command in main.commands.values():      # the same -q / -v in both places, on every command
+    _command.params += [
+        click.Option(["-v", "--verbose", "late_verbose"], count=True, expose_value=False, is_eager=True,
+                     callback=_verbosity_after_the_command, help="More log output (also accepted before the command)."),
+        click.Option(["-q", "--quiet", "late_quiet"], is_flag=True, expose_value=False, is_eager=True,
+                     callback=_verbosity_after_the_command, help="Warnings and errors only (also before the command)."),
+    ]

@@ -154,3 +154,22 @@ def test_loading_and_answering_open_no_socket(dirs):
     assert trace.returncode == 0, trace.stderr
     calls = [ln for ln in trace.stderr.splitlines() if any(f"{c}(" in ln for c in ("socket", "connect", "bind", "sendto"))]
     assert calls == []
+
+
+def test_quiet_and_verbose_work_before_and_after_the_command(tmp_path, tiny_base):
+    """-q / -v are accepted in the same places on both commands (real processes)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bin_dir = Path(sys.executable).parent
+    for args in (["-q", "safety-check", "--json", "hello"], ["safety-check", "-q", "--json", "hello"],
+                 ["-v", "safety-check", "--json", "hello"], ["safety-check", "--json", "-v", "hello"]):
+        result = subprocess.run([bin_dir / "jee1", *args], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (args, result.stderr)
+    for position in ("first", "last"):
+        out = tmp_path / f"{position}.gguf"
+        args = [str(tiny_base), "-o", str(out), "--quant", "F16"]
+        args = ["-q", *args] if position == "first" else [*args, "-q"]
+        result = subprocess.run([bin_dir / "jee1-convert", *args], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0 and result.stderr == "", (position, result.stderr)
