@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 
 import click
@@ -101,8 +100,10 @@ def inspect(model, as_json, tensors):
 
 
 @main.command(epilog=EPILOG)
-@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False),
-              help="Where to build the tiny model and its GGUF (default: a temporary directory, removed after).")
+@click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("demo-out"),
+              show_default=True,
+              help="Where to build the tiny model, its GGUF, manifest, a development jee1.toml, cache and audit "
+                   "log. Kept, so the device commands can be tried on it (README).")
 @click.option("--question", default=None, help="The question to ask (default: a fixed anaphylaxis question).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_context
@@ -120,21 +121,23 @@ def demo(ctx, workdir, question, as_json):
     if not as_json:
         click.echo(f"question: {question}\nanswer:   ", nl=False)
     try:
-        if workdir is None:
-            with tempfile.TemporaryDirectory(prefix="jee1-demo-") as tmp:
-                result = run_demo(Path(tmp), question, quiet=ctx.obj["quiet"] or as_json, on_text=stream)
-        else:
-            result = run_demo(workdir, question, quiet=ctx.obj["quiet"] or as_json, on_text=stream)
+        result = run_demo(workdir, question, quiet=ctx.obj["quiet"] or as_json, on_text=stream)
     except Jee1Error as e:
         _fail(e)
     answer = result.answer
+    files = {name: str(path.resolve()) for name, path in result.files.items()}
     if as_json:
-        click.echo(json.dumps({"model": str(result.model), "manifest": str(result.manifest), "question": question,
-                               "answer": answer.as_json(), "status": result.status}, indent=2, ensure_ascii=False))
+        click.echo(json.dumps({"model": files["model"], "manifest": files["manifest"], "files": files,
+                               "question": question, "answer": answer.as_json(), "status": result.status},
+                              indent=2, ensure_ascii=False))
         return
     click.echo(f"\n\nmodel: {result.model.name} (Q4_K_M from the tiny checkpoint + LoRA; random weights, so the"
                f" answer is noise)\nfinish: {answer.finish_reason}, {answer.completion_tokens} tokens, "
                f"{answer.cached_tokens} of {answer.prompt_tokens} prompt tokens from the warm prefix")
+    click.echo("files:")
+    for name, path in files.items():
+        click.echo(f"  {name:<11} {path}")
+    click.echo(f"try the device commands on it: jee1 --config {result.files['config']} ask \"...\" (README)")
 
 
 # -- the engine commands ---------------------------------------------------------------------

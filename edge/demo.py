@@ -23,12 +23,33 @@ log = logging.getLogger(__name__)
 QUESTION = "What is the first-line treatment for anaphylaxis?"
 
 
+DEFAULT_WORKDIR = Path("demo-out")   # git-ignored; README's "Trying the device commands" uses it
+
+
 @dataclass
 class DemoResult:
     model: Path
     manifest: Path
     answer: Answer
     status: dict
+    files: dict[str, Path]       # where everything is: checkpoint, adapter, model, manifest, config, ...
+
+
+def write_dev_config(workdir: Path, model: Path) -> Path:
+    """``workdir/jee1.toml``: settings that keep every device command inside ``workdir``."""
+    root = workdir.resolve()
+    text = (
+        "# Development settings written by `jee1 demo`: every device command run with\n"
+        f"# `--config {workdir}/jee1.toml` reads and writes only inside {root}.\n"
+        f'[model]\npath = "{model.resolve()}"\n\n'
+        '[runtime]\nn_ctx = 512\nthreads = 2\n\n'
+        '[answer]\nmax_tokens = 24\n\n'
+        f'[cache]\ndir = "{root / "cache"}"\n\n'
+        f'[audit]\npath = "{root / "audit.jsonl"}"\n'
+    )
+    path = workdir / "jee1.toml"
+    path.write_text(text, encoding="utf-8")
+    return path
 
 
 def run_demo(workdir: Path, question: str = QUESTION, max_tokens: int = 24, quiet: bool = False,
@@ -38,16 +59,13 @@ def run_demo(workdir: Path, question: str = QUESTION, max_tokens: int = 24, quie
     adapter = build_adapter(workdir / "tiny-adapter", TinySpec(), AdapterSpec())
     result = convert(ConvertOptions(base_dir=base, adapter_dir=adapter, output=workdir / "tiny-sm70.Q4_K_M.gguf",
                                     quant=quant_type("Q4_K_M"), quiet=quiet))
-    settings = Settings.load(overrides={
-        "model": {"path": str(result.output)},
-        "runtime": {"n_ctx": 512, "gpu_layers": "auto"},
-        "answer": {"max_tokens": max_tokens},
-        "cache": {"dir": str(workdir / "cache")},
-        "audit": {"path": str(workdir / "audit.jsonl")},
-    })
+    config = write_dev_config(workdir, result.output)
+    settings = Settings.load(config, overrides={"answer": {"max_tokens": max_tokens}})
+    files = {"checkpoint": base, "adapter": adapter, "model": result.output, "manifest": result.manifest,
+             "config": config, "cache": Path(settings["cache"]["dir"]), "audit_log": Path(settings["audit"]["path"])}
     with Engine(settings) as engine:
         request = engine.submit(question)
         for text in request:
             if on_text:
                 on_text(text)
-        return DemoResult(result.output, result.manifest, request.answer, engine.status())
+        return DemoResult(result.output, result.manifest, request.answer, engine.status(), files)
