@@ -472,7 +472,9 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
 
     from .engine import Engine
     from .eval import report
+    from .eval.prompting import FewshotSampler
     from .eval.runner import EvalConfig, evaluate, read_records
+    from .eval.tasks import read_task
 
     try:
         if engine_opts.get("model") is not None:
@@ -488,6 +490,13 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
                      *(p for _, p in tasks), *(p for _, p in fewshot)]:
             if not Path(path).is_file():
                 raise InputError(f"{path}: no such file")
+        for task, path in tasks:     # the task files parse, and hold enough few-shot examples
+            items = read_task(task, path, strict).items
+            if k:
+                FewshotSampler(read_task(task, dict(fewshot)[task], strict).items, k, seed,
+                               Path(dict(fewshot)[task]).resolve() == Path(path).resolve())
+            if not items:
+                raise InputError(f"{path}: no {task} questions in it")
         _check_writable(out_dir)     # before a model is hashed or loaded: a typo costs a second
         config = EvalConfig(list(tasks), out_dir, mode, style, dict(fewshot), k, seed, strict, limit,
                             quiet=ctx.obj["quiet"] or as_json)

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from conftest import run_convert, running_engine
 from jee1.edge.cli import main as jee1_cli
-from jee1.edge.eval.prompting import PromptStyle, pick_shots
+from jee1.edge.eval.prompting import FewshotSampler, PromptStyle
 from jee1.edge.eval.runner import EvalConfig, read_records, evaluate
 from jee1.edge.eval.scoring import LoglikScorer, log_softmax, parse_answer
 from jee1.edge.eval.stats import mcnemar_exact, wilson_interval
@@ -43,7 +43,8 @@ def write_medqa(path, rows, bad=True):
 
 
 def write_pubmedqa(path):
-    data = {"101": {"QUESTION": "Does metformin lower HbA1c?", "CONTEXTS": ["Metformin lowers hepatic glucose output."],
+    data = {"101": {"QUESTION": "Does metformin lower HbA1c?",
+                    "CONTEXTS": ["Metformin lowers hepatic glucose output.", "In trials HbA1c fell by 1%."],
                     "final_decision": "yes"},
             "102": {"QUESTION": "Is aspirin an antibiotic?", "CONTEXTS": ["Aspirin inhibits cyclooxygenase."],
                     "final_decision": "no"},
@@ -91,17 +92,45 @@ def test_harness_layouts_match_lm_evaluation_harness(files):
     assert prompt.continuations == (" A", " B", " C", " D")
     pub = read_task("pubmedqa", files["pubmedqa"], strict=False).items[0]
     p = PromptStyle("harness").build(pub, [])
-    assert p.context == "Abstract: Metformin lowers hepatic glucose output.\nQuestion: Does metformin lower HbA1c?\nAnswer:"
+    # the paragraphs joined with a newline, as lm-evaluation-harness's preprocess_pubmedqa joins them
+    assert p.context == ("Abstract: Metformin lowers hepatic glucose output.\nIn trials HbA1c fell by 1%."
+                         "\nQuestion: Does metformin lower HbA1c?\nAnswer:")
     assert p.continuations == (" yes", " no", " maybe")
 
 
-def test_fewshot_is_seeded_and_excludes_the_question(files):
+def test_fewshot_draws_as_the_harness_sampler_does(files):
+    """lm-evaluation-harness: random.Random(seed) per task; for each question in turn sample(pool, k),
+    or sample(pool, k + 1) minus the question when the examples come from the task's own file."""
+    import random
+
     pool = read_task("medqa", files["shots"], strict=False).items
-    a = pick_shots(pool, 3, seed=7, exclude_id="x")
-    assert a == pick_shots(pool, 3, seed=7, exclude_id="x") and len(a) == 3
-    assert all(s.id != pool[0].id for s in pick_shots(pool, 3, seed=7, exclude_id=pool[0].id))
+    questions = read_task("medqa", files["medqa"], strict=False).items
+    sampler = FewshotSampler(pool, 3, seed=1234, same_file=False)
+    rnd = random.Random(1234)
+    draws = [sampler.draw(q) for q in questions]
+    assert draws == [rnd.sample(pool, 3) for _ in questions]
+    assert len({tuple(s.id for s in d) for d in draws}) > 1          # questions get different examples
+    own = FewshotSampler(pool, 3, seed=1234, same_file=True)
+    rnd = random.Random(1234)
+    for item in pool:
+        want = [s for s in rnd.sample(pool, 4) if s != item][:3]
+        got = own.draw(item)
+        assert got == want and item not in got
     with pytest.raises(InputError, match="needs 9 examples"):
-        pick_shots(pool, 9, seed=7, exclude_id="x")
+        FewshotSampler(pool, 9, seed=7, same_file=False)
+
+
+def test_acc_norm_divides_by_the_choice_length_as_the_harness_does(eval_engine, files):
+    """PubMedQA's choices differ in length (yes 3, no 2, maybe 5 characters, without the leading
+    space): predicted_norm is the argmax of log-likelihood over those lengths."""
+    from jee1.edge.eval.scoring import LoglikScorer
+
+    item = read_task("pubmedqa", files["pubmedqa"], strict=False).items[0]
+    prompt = PromptStyle("harness").build(item, [])
+    with eval_engine._lock:
+        scored = LoglikScorer(eval_engine.llama).score(prompt, item)
+    norm = [lp / len(label) for lp, label in zip(scored.logprobs, item.labels)]
+    assert scored.predicted_norm == item.labels[norm.index(max(norm))]
 
 
 @pytest.fixture(scope="module")

@@ -54,9 +54,20 @@ class PromptStyle:
         return Prompt(render(self.chat_template, messages), continuations)
 
 
-def pick_shots(pool: list[Item], k: int, seed: int, exclude_id: str) -> list[Item]:
-    """k few-shot examples, the same for every question of a run (seeded), never the question itself."""
-    candidates = [item for item in pool if item.id != exclude_id]
-    if k > len(candidates):
-        raise InputError(f"{k}-shot needs {k} examples, the few-shot file has {len(candidates)}")
-    return random.Random(seed).sample(candidates, k)
+class FewshotSampler:
+    """lm-evaluation-harness's default sampler: one ``random.Random(seed)`` per task, drawing k
+    examples for each question in turn (so questions get different examples, and the draw for
+    question i depends on the questions before it); when the examples come from the task's own
+    file the question itself is drawn around (k+1 drawn, it removed, the first k kept)."""
+
+    def __init__(self, pool: list[Item], k: int, seed: int, same_file: bool):
+        if k > len(pool) - (1 if same_file else 0):
+            raise InputError(f"{k}-shot needs {k} examples, the few-shot file has {len(pool)}"
+                             f"{' (one of them the question itself)' if same_file else ''}")
+        self.pool, self.k, self.same_file = pool, k, same_file
+        self.rnd = random.Random(seed)
+
+    def draw(self, item: Item) -> list[Item]:
+        if not self.same_file:
+            return self.rnd.sample(self.pool, self.k)
+        return [shot for shot in self.rnd.sample(self.pool, self.k + 1) if shot != item][: self.k]

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from jee1.errors import InputError
 
-from .prompting import PromptStyle, pick_shots
+from .prompting import FewshotSampler, PromptStyle
 from .scoring import LoglikScorer, parse_answer
 from .stats import wilson_interval
 from .tasks import TaskFile, read_task
@@ -118,10 +118,12 @@ def _run_task(engine, config: EvalConfig, style: PromptStyle, taskfile: TaskFile
               key_digest: str) -> dict:
     items = taskfile.items[:config.limit] if config.limit else taskfile.items
     example_prompt, started, fresh = None, time.monotonic(), 0
+    same_file = config.k and Path(config.fewshot[taskfile.task]).resolve() == Path(taskfile.path).resolve()
+    sampler = FewshotSampler(pool, config.k, config.seed, bool(same_file)) if config.k else None
     scorer = LoglikScorer(engine.llama) if config.mode == "loglik" else None
     with tqdm(total=len(items), desc=taskfile.task, unit="q", disable=config.quiet, dynamic_ncols=True) as bar:
         for item in items:
-            shots = pick_shots(pool, config.k, config.seed, item.id) if config.k else []
+            shots = sampler.draw(item) if sampler else []    # drawn for every question, done or not
             prompt = style.build(item, shots)
             example_prompt = example_prompt or prompt.context
             key = (item.task, item.id)

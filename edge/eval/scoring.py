@@ -65,7 +65,7 @@ class LoglikScorer:
     def score(self, prompt: Prompt, item: Item) -> Scored:
         context = self._tokens(prompt.context, bos=True)
         context_logits = self._evaluate_context(context)
-        sums, lengths = [], []
+        sums = []
         for continuation in prompt.continuations:
             tokens = self.continuation_tokens(context, prompt.context, continuation)
             if not self.reuse:
@@ -78,7 +78,9 @@ class LoglikScorer:
                 total += float(log_softmax(self._last_logits())[token])
             self.llama.n_tokens = len(context)   # trim this option off again
             sums.append(total)
-            lengths.append(len(continuation.encode("utf-8")))
+        # acc_norm as the harness computes it: divided by the length in characters of the choice
+        # itself ("A", "maybe"), without the leading space of the continuation
+        lengths = [len(label) for label in item.labels]
         best = int(np.argmax(sums))
         best_norm = int(np.argmax(np.array(sums) / np.maximum(lengths, 1)))
         return Scored(sums, item.labels[best], item.labels[best_norm])

@@ -108,7 +108,7 @@ def _read_pubmedqa(path: Path) -> TaskFile:
             if decision not in PUBMEDQA_LABELS:
                 raise RowError(f"'final_decision' is {decision!r}, not yes/no/maybe")
             out.items.append(Item("pubmedqa", str(pmid), _text(row, "QUESTION"), tuple(PUBMEDQA_LABELS),
-                                  ("", "", ""), decision, " ".join(c.strip() for c in contexts)))
+                                  ("", "", ""), decision, "\n".join(contexts)))   # as preprocess_pubmedqa joins
         except RowError as e:
             out.bad_rows.append(f"{path}: PMID {pmid}: {e}")
     return out
