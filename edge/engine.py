@@ -87,10 +87,12 @@ class Answer:
 
 
 class _Job:
-    def __init__(self, question: str, max_tokens: int, deadline_s: float, stop: list[str], prompt: str | None = None):
+    def __init__(self, question: str, max_tokens: int, deadline_s: float, stop: list[str], prompt: str | None = None,
+                 prompt_special_tokens: bool = False):
         self.id = uuid.uuid4().hex[:12]
         self.question = question
         self.prompt = prompt      # a complete prompt instead of the chat template (evaluation)
+        self.prompt_special_tokens = prompt_special_tokens   # its "<s>"/"</s>" are BOS/EOS tokens
         self.max_tokens = max_tokens
         self.deadline_s = deadline_s
         self.stop = stop
@@ -337,13 +339,13 @@ class Engine:
         st = self.model_path.stat()
         return text_digest(f"{self.model_path.resolve()}:{st.st_size}:{st.st_mtime_ns}").removeprefix("sha256:")
 
-    def _tokenize(self, text: str, bos: bool) -> list[int]:
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=bos, special=False)
+    def _tokenize(self, text: str, bos: bool, special: bool = False) -> list[int]:
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
 
     # -- requests -----------------------------------------------------------------------------
 
     def submit(self, question: str, max_tokens: int | None = None, deadline_s: float | None = None,
-               stop: list[str] | None = None, prompt: str | None = None) -> Request:
+               stop: list[str] | None = None, prompt: str | None = None, prompt_special_tokens: bool = False) -> Request:
         """Queue a question.  ``prompt`` replaces the chat-template prompt with a complete one (jee1 eval's
         harness layout); the safety screen still sees ``question``."""
         if self._closed:
@@ -352,7 +354,7 @@ class Engine:
             raise InputError("the question is empty")
         ans = self.settings["answer"]
         job = _Job(question, max_tokens or ans["max_tokens"], deadline_s or ans["deadline_s"],
-                   ans["stop"] if stop is None else stop, prompt)
+                   ans["stop"] if stop is None else stop, prompt, prompt_special_tokens)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -403,7 +405,8 @@ class Engine:
 
     def _generate(self, job: _Job, decision: Decision, started: float) -> Answer:
         text = job.prompt if job.prompt is not None else self.layout.build(job.question)
-        prompt = self._tokenize(text, bos=True)
+        special = job.prompt is not None and job.prompt_special_tokens
+        prompt = self._tokenize(text, bos=not (special and text.startswith("<s>")), special=special)
         budget = self.llama.n_ctx() - len(prompt)
         if budget < 1:
             raise InputError(f"the question is too long: {len(prompt)} prompt tokens, context is {self.llama.n_ctx()}")

@@ -329,3 +329,22 @@ def test_chat_style_uses_the_models_template(tmp_path, files, eval_engine):
     result = evaluate(eval_engine, EvalConfig([("medqa", files["medqa"])], tmp_path, style="chat", quiet=True), "chat")
     medqa = result["tasks"]["medqa"]
     assert result["style"] == "chat" and medqa["n"] == 6 and "### Response:" in medqa["prompt_example"]
+
+
+def test_chat_fewshot_examples_end_with_the_real_eos_token(eval_engine, files):
+    """The template's eos_token after each few-shot answer is the model's EOS id, not '</s>' as text."""
+    from jee1.edge.eval.scoring import LoglikScorer
+    from jee1.prompts import load_template
+
+    template = load_template("medalpaca")[1]
+    shots = read_task("medqa", files["shots"], strict=False).items[:2]
+    item = read_task("medqa", files["medqa"], strict=False).items[0]
+    prompt = PromptStyle("chat", template).build(item, shots)
+    assert prompt.context.count("</s>") == 2 and prompt.special_tokens
+    llama = eval_engine.llama
+    tokens = LoglikScorer(llama)._tokens(prompt.context, bos=True, special=prompt.special_tokens)
+    as_text = llama.tokenize(b"</s>", add_bos=False, special=False)
+    assert tokens.count(llama.token_eos()) == 2 and tokens.count(llama.token_bos()) == 1
+    assert not any(tokens[i:i + len(as_text)] == as_text for i in range(len(tokens)))
+    harness = PromptStyle("harness").build(item, shots)
+    assert not harness.special_tokens and "</s>" not in harness.context

@@ -19,6 +19,9 @@ STYLES_FILE = resources.files("jee1.edge.eval") / "data" / "prompt_styles.json"
 class Prompt:
     context: str                  # everything before the answer
     continuations: tuple[str, ...]  # one per label, appended to the context when scoring
+    # chat style: the template's "<s>" / "</s>" (the end of each few-shot answer) are the model's
+    # BOS / EOS tokens, as the model saw them in training, not those characters as text
+    special_tokens: bool = False
 
 
 class PromptStyle:
@@ -51,7 +54,7 @@ class PromptStyle:
             messages += [{"role": "user", "content": layout["user"].format(**self._fields(shot, layout))},
                          {"role": "assistant", "content": layout["continuation"].format(label=shot.answer)}]
         messages.append({"role": "user", "content": layout["user"].format(**self._fields(item, layout))})
-        return Prompt(render(self.chat_template, messages), continuations)
+        return Prompt(render(self.chat_template, messages), continuations, special_tokens=True)
 
 
 class FewshotSampler:

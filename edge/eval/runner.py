@@ -158,7 +158,8 @@ def _score(engine, scorer, prompt, item, config) -> dict:
         return record | {"predicted": scored.predicted, "predicted_norm": scored.predicted_norm,
                          "logprobs": dict(zip(item.labels, scored.logprobs, strict=True)),
                          "correct": scored.predicted == item.answer, "correct_norm": scored.predicted_norm == item.answer}
-    answer = engine.submit(item.question, max_tokens=GENERATE_TOKENS, stop=["\n\n"], prompt=prompt.context).result()
+    answer = engine.submit(item.question, max_tokens=GENERATE_TOKENS, stop=["\n\n"], prompt=prompt.context,
+                           prompt_special_tokens=prompt.special_tokens).result()
     predicted = parse_answer(answer.body, item) if answer.finish_reason != "safety" else None
     return record | {"predicted": predicted, "generated": answer.body, "finish_reason": answer.finish_reason,
                      "correct": predicted == item.answer}

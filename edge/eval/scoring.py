@@ -35,8 +35,10 @@ class LoglikScorer:
         self.reuse = reuse_cache
         self.n_vocab = llama.n_vocab()
 
-    def _tokens(self, text: str, bos: bool) -> list[int]:
-        return self.llama.tokenize(text.encode("utf-8"), add_bos=bos, special=False)
+    def _tokens(self, text: str, bos: bool, special: bool = False) -> list[int]:
+        # a template that writes its own "<s>" gets no second BOS
+        bos = bos and not (special and text.startswith("<s>"))
+        return self.llama.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
 
     def _last_logits(self) -> np.ndarray:
         return np.ctypeslib.as_array(self.llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
@@ -54,20 +56,20 @@ class LoglikScorer:
         llama.eval(tokens[keep:])
         return self._last_logits()
 
-    def continuation_tokens(self, context: list[int], text: str, continuation: str) -> list[int]:
+    def continuation_tokens(self, context: list[int], text: str, continuation: str, special: bool = False) -> list[int]:
         """Tokens of ``continuation`` as they appear after the context (tokenised together, as the
         harness does, so a leading space is merged the way the model saw it in training)."""
-        whole = self._tokens(text + continuation, bos=True)
+        whole = self._tokens(text + continuation, bos=True, special=special)
         if whole[:len(context)] == context and len(whole) > len(context):
             return whole[len(context):]
         return self._tokens(continuation, bos=False)
 
     def score(self, prompt: Prompt, item: Item) -> Scored:
-        context = self._tokens(prompt.context, bos=True)
+        context = self._tokens(prompt.context, bos=True, special=prompt.special_tokens)
         context_logits = self._evaluate_context(context)
         sums = []
         for continuation in prompt.continuations:
-            tokens = self.continuation_tokens(context, prompt.context, continuation)
+            tokens = self.continuation_tokens(context, prompt.context, continuation, prompt.special_tokens)
             if not self.reuse:
                 self.llama.n_tokens = 0
                 context_logits = self._evaluate_context(context)
