@@ -208,7 +208,7 @@ def test_eval_cli_writes_results_report_plot_and_says_safety_was_off(tmp_path, f
     assert medqa["acc_ci95"][0] <= medqa["acc"] <= medqa["acc_ci95"][1] and "acc_norm" in medqa
     assert medqa["prompt_example"].count("Question:") == 2          # one shot + the question, saved
     report = (out / "report.md").read_text()
-    assert "Clinical Camel-70B (published, five-shot) | 60.7 | 77.9 | 64.3" in report
+    assert "Clinical Camel-70B (published, five-shot, not measured here) | 60.7 | 77.9 | 64.3" in report
     assert "short-circuit was OFF" in report
     assert (out / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -348,3 +348,25 @@ def test_chat_fewshot_examples_end_with_the_real_eos_token(eval_engine, files):
     assert not any(tokens[i:i + len(as_text)] == as_text for i in range(len(tokens)))
     harness = PromptStyle("harness").build(item, shots)
     assert not harness.special_tokens and "</s>" not in harness.context
+
+
+def test_base_row_is_measured_beside_the_model_with_the_paired_test(tmp_path, files, tiny_base, f16_merged):
+    """SM70 against its own base: the base converted without --adapter is the --reference; the
+    report shows both measured rows, the paired test under them, then the published rows."""
+    from conftest import run_convert
+
+    base = run_convert(tiny_base, tmp_path / "base.F16.gguf", "F16").output
+    out = tmp_path / "out"
+    run_cli(*common(tmp_path, f16_merged.output), "--reference", base, "--task", "medqa", files["medqa"],
+            "--task", "pubmedqa", files["pubmedqa"], "--out", out)
+    report_md = (out / "report.md").read_text()
+    rows = [line for line in report_md.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| reference: base.F16.gguf") and rows[2].startswith("| model: tiny.F16.gguf")
+    assert rows[3].startswith("| paired: reference vs model") and "McNemar p = " in rows[3]
+    assert "(published, five-shot, not measured here)" in rows[4]
+    assert "malformed rows skipped: MedQA-USMLE 3, PubMedQA 1" in report_md
+    assert "chance level: MedQA-USMLE 25.0%, PubMedQA 33.3%" in report_md
+    results = json.loads((out / "results.json").read_text())
+    assert [r["model"] for r in results["runs"]] == ["reference", "model"]
+    assert results["runs"][0]["tasks"]["medqa"]["chance"] == 0.25
+    assert (out / "accuracy.png").stat().st_size > 10_000

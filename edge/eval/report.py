@@ -31,22 +31,34 @@ def paired(records_a: dict, records_b: dict) -> dict:
     return out
 
 
+def run_name(run: dict) -> str:
+    return f"{run['model']}: {run['file']} ({run['quant']}, {run['k_shot']}-shot, {run['mode']}, {run['style']})"
+
+
 def markdown(runs: list[dict], comparison: dict | None, divergence: dict | None) -> str:
     pub = published()
     tasks = pub["columns"]
     lines = ["| model | " + " | ".join(TASK_NAMES[t] for t in tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
-    for run in runs:
+    for run in runs:    # measured here, side by side (the reference, e.g. the base, first)
         cells = []
         for t in tasks:
             r = run["tasks"].get(t)
             cells.append(f"**{100 * r['acc']:.1f}** ({100 * r['acc_ci95'][0]:.1f}–{100 * r['acc_ci95'][1]:.1f}, n={r['n']})"
                          if r else "–")
-        lines.append(f"| {run['file']} ({run['quant']}, {run['k_shot']}-shot, {run['mode']}, {run['style']}) | "
-                     + " | ".join(cells) + " |")
+        lines.append(f"| {run_name(run)} | " + " | ".join(cells) + " |")
+    if comparison:      # the paired test of the two measured rows, under them
+        cells = [(f"McNemar p = {comparison[t]['mcnemar_p']:.3g} ({comparison[t]['only_reference_right']} vs "
+                  f"{comparison[t]['only_candidate_right']} discordant)") if t in comparison else "–" for t in tasks]
+        lines.append("| paired: reference vs model, same questions | " + " | ".join(cells) + " |")
     for row in pub["models"]:
-        lines.append(f"| {row['model']} (published, five-shot) | "
+        lines.append(f"| {row['model']} (published, five-shot, not measured here) | "
                      + " | ".join("–" if row[t] is None else f"{row[t]:.1f}" for t in tasks) + " |")
-    notes = [f"Accuracy in %, 95% Wilson interval in brackets. Published rows: {pub['models'][0]['source']}."]
+    notes = [f"Accuracy in %, 95% Wilson interval and n in brackets. Published rows: {pub['models'][0]['source']}."]
+    for run in runs:
+        skipped = ", ".join(f"{TASK_NAMES[t]} {len(r['malformed_rows'])}" for t, r in run["tasks"].items())
+        chance = ", ".join(f"{TASK_NAMES[t]} {100 * r['chance']:.1f}%" for t, r in run["tasks"].items())
+        notes.append(f"{run['model']}: {run['k_shot']}-shot, {run['mode']}, {run['style']} prompts; malformed rows "
+                     f"skipped: {skipped}; chance level: {chance}.")
     if runs and not runs[0]["pre_model_safety"]:
         notes.append("The device's pre-model safety short-circuit was OFF for this run (the model itself is measured).")
     else:
@@ -74,19 +86,27 @@ def plot(runs: list[dict], path: Path) -> None:
 
     pub = published()
     tasks = [t for t in pub["columns"] if any(t in r["tasks"] for r in runs)]
-    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.5 * len(tasks), 4.0), squeeze=False)
     for ax, task in zip(axes[0], tasks, strict=True):
         bars = []  # (name, accuracy %, lower error, upper error, colour)
+        chance = None
         for run in runs:
             r = run["tasks"].get(task)
             if r:
-                bars.append((f"{run['file']}\n{run['model']}", 100 * r["acc"], 100 * (r["acc"] - r["acc_ci95"][0]),
-                             100 * (r["acc_ci95"][1] - r["acc"]), "#1f77b4"))
+                bars.append((f"{run['file']}\n{run['model']}, n={r['n']}", 100 * r["acc"],
+                             100 * (r["acc"] - r["acc_ci95"][0]), 100 * (r["acc_ci95"][1] - r["acc"]), "#1f77b4"))
+                chance = 100 * r["chance"]
         bars += [(f"{row['model']}\n(published)", row[task], 0.0, 0.0, "#bbbbbb")
                  for row in pub["models"] if row[task] is not None]
         names, values, low, high, colours = zip(*bars, strict=True)
         x = range(len(bars))
-        ax.bar(x, values, color=colours)
+        ax.bar(x, values, color=colours, hatch=["" if c == "#1f77b4" else "//" for c in colours], edgecolor="white")
+        ours = sum(1 for c in colours if c == "#1f77b4")
+        if ours < len(bars):
+            ax.axvline(ours - 0.5, color="#555555", linewidth=0.8)       # measured here | published
+        if chance is not None:
+            ax.axhline(chance, color="#d62728", linestyle="--", linewidth=1)
+            ax.text(len(bars) - 0.5, chance + 1, f"chance {chance:.0f}%", color="#d62728", fontsize=7, ha="right")
         measured = [i for i, (_, _, lo, hi, _) in enumerate(bars) if lo or hi]
         ax.errorbar(measured, [values[i] for i in measured], yerr=[[low[i] for i in measured], [high[i] for i in measured]],
                     fmt="none", ecolor="black", capsize=4)
@@ -94,7 +114,14 @@ def plot(runs: list[dict], path: Path) -> None:
         ax.set_ylim(0, 100)
         ax.set_title(TASK_NAMES[task])
         ax.set_ylabel("accuracy (%), 95% CI")
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+
+    fig.legend(handles=[Patch(color="#1f77b4", label=f"measured here ({runs[0]['k_shot']}-shot, {runs[0]['mode']}, "
+                                                      f"{runs[0]['style']} prompts), 95% CI"),
+                        Patch(facecolor="#bbbbbb", hatch="//", edgecolor="white",
+                              label="published, five-shot (not measured here)")],
+               loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 

@@ -138,6 +138,7 @@ def _run_task(engine, config: EvalConfig, style: PromptStyle, taskfile: TaskFile
     n = len(rows)
     correct = sum(r["correct"] for r in rows)
     summary = {"file": str(taskfile.path), "n": n, "correct": correct, "acc": correct / n,
+               "chance": sum(1 / len(item.labels) for item in items) / n,
                "acc_ci95": wilson_interval(correct, n), "malformed_rows": taskfile.bad_rows,
                "questions_per_s": fresh / max(time.monotonic() - started, 1e-9) if fresh else None,
                "prompt_example": example_prompt}
