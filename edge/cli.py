@@ -15,6 +15,11 @@ from jee1.errors import EXIT_CODES, InputError, Jee1Error, ResourceError, os_err
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
 
 
+def exit_codes(*codes: int) -> str:
+    """A command's --help epilog: only the exit codes it can return."""
+    return "Exit codes: " + "; ".join(f"{c} {EXIT_CODES[c]}" for c in (0, *codes)) + "."
+
+
 def _fail(e: Jee1Error):
     click.echo(f"jee1: error: {e}", err=True)
     sys.exit(e.exit_code)
@@ -65,7 +70,7 @@ def main(ctx, config_path, verbose, quiet):
     ctx.obj = {"quiet": quiet, "verbose": verbose, "config": config_path}
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3))
 @click.argument("model", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print everything as one JSON object.")
 @click.option("--tensors", is_flag=True, help="Also list every tensor with its shape and type.")
@@ -99,7 +104,7 @@ def inspect(model, as_json, tensors):
         click.echo(f"  {t['name']:<28} {str(t['shape']):<16} {t['type']}")
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3, 4))
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("demo-out"),
               show_default=True,
               help="Where to build the tiny model, its GGUF, manifest, a development jee1.toml, cache and audit "
@@ -142,20 +147,47 @@ def demo(ctx, workdir, question, as_json):
 
 # -- the engine commands ---------------------------------------------------------------------
 
+def _default(key: str):
+    """A setting's built-in value (edge/data/default_config.toml), for --help."""
+    from jee1.datafiles import read_toml
+
+    from .settings import DEFAULTS_FILE
+
+    section, name = key.split(".")
+    return read_toml(DEFAULTS_FILE, "the default settings")[section][name]
+
+
+def _setting_help(text: str, key: str) -> str:
+    return f"{text} Overrides {key} (built-in default: {_default(key)!r}; the --config file may change it)."
+
+
 def engine_options(f):
     """Options that override the settings file for commands that load the model."""
     options = [
-        click.option("--model", type=click.Path(path_type=Path, dir_okay=False), help="GGUF to load (model.path)."),
-        click.option("--gpu-layers", help="'auto' (plan from free memory), or a layer count; 0 = CPU."),
-        click.option("--ctx", "n_ctx", type=click.IntRange(min=16), help="Context length (runtime.n_ctx)."),
-        click.option("--threads", type=click.IntRange(min=0), help="CPU threads, 0 = all (runtime.threads)."),
-        click.option("--kv-type", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]), help="KV cache type."),
-        click.option("--batch", type=click.IntRange(min=1), help="Prompt tokens per decode call (runtime.batch)."),
-        click.option("--flash-attn/--no-flash-attn", default=None, help="runtime.flash_attn"),
-        click.option("--mmap/--no-mmap", default=None, help="Memory-map the model (runtime.mmap)."),
-        click.option("--mlock/--no-mlock", default=None, help="Lock the model in RAM (runtime.mlock)."),
-        click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False), help="cache.dir"),
-        click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False), help="audit.path"),
+        click.option("--model", type=click.Path(path_type=Path, dir_okay=False),
+                     help=_setting_help("The GGUF to load; its .manifest.json must be beside it.", "model.path")),
+        click.option("--gpu-layers", help=_setting_help("'auto' plans from free accelerator memory; a number offloads "
+                                                        "that many layers; 0 runs on the CPU.", "runtime.gpu_layers")),
+        click.option("--ctx", "n_ctx", type=click.IntRange(min=16),
+                     help=_setting_help("Context length in tokens.", "runtime.n_ctx")),
+        click.option("--threads", type=click.IntRange(min=0),
+                     help=_setting_help("CPU threads; 0 uses every core.", "runtime.threads")),
+        click.option("--kv-type", type=click.Choice(["f32", "f16", "q8_0", "q4_0"]),
+                     help=_setting_help("Element type of the KV cache (smaller fits more layers on a GPU).",
+                                        "runtime.kv_type")),
+        click.option("--batch", type=click.IntRange(min=1),
+                     help=_setting_help("Prompt tokens per llama.cpp decode call.", "runtime.batch")),
+        click.option("--flash-attn/--no-flash-attn", default=None,
+                     help=_setting_help("llama.cpp's flash attention.", "runtime.flash_attn")),
+        click.option("--mmap/--no-mmap", default=None,
+                     help=_setting_help("Memory-map the model instead of reading it.", "runtime.mmap")),
+        click.option("--mlock/--no-mlock", default=None,
+                     help=_setting_help("Lock the model in RAM so it is never paged out.", "runtime.mlock")),
+        click.option("--cache-dir", type=click.Path(path_type=Path, file_okay=False),
+                     help=_setting_help("Folder for the warm prompt prefix, the verified-model cache, the audit "
+                                        "key and the status file.", "cache.dir")),
+        click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
+                     help=_setting_help("The audit log (JSON lines, rotated).", "audit.path")),
         click.option("--no-verify", is_flag=True, help="Skip the manifest check (development only; logged)."),
     ]
     for option in reversed(options):
@@ -189,7 +221,7 @@ def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv
     return Settings.load(ctx.obj["config"], {k: v for k, v in over.items() if v})
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3, 4))
 @click.argument("question")
 @engine_options
 @click.option("--max-tokens", type=click.IntRange(min=1), help="Limit of generated tokens (answer.max_tokens).")
@@ -229,7 +261,7 @@ def ask(ctx, question, max_tokens, deadline_s, as_json, **engine_opts):
         sys.exit(1)
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3, 4))
 @engine_options
 @click.option("--json", "as_json", is_flag=True, help="Print the status as JSON.")
 @click.pass_context
@@ -256,7 +288,7 @@ def status(ctx, as_json, **engine_opts):
         click.echo(f"{key:<24} {value}")
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3, 4))
 @engine_options
 @click.option("--ui-port", "ui_ports", multiple=True, metavar="URL",
               help="Serial line to the UI firmware: a device (/dev/ttyS1) or a pyserial URL (loop://, "
@@ -287,7 +319,7 @@ def serve(ctx, ui_ports, baudrate, ipc, console_port, console_secret, **engine_o
         _fail(e)
 
 
-@main.command("ui-sim", epilog=EPILOG)
+@main.command("ui-sim", epilog=exit_codes(1, 2, 3))
 @click.option("--port", required=True, metavar="URL",
               help="The bridge: unix:///run/jee1/ui.sock, a serial device, or a pyserial URL.")
 @click.option("--baud", "baudrate", type=int, default=115200, show_default=True)
@@ -341,7 +373,7 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
         click.echo(f"\n[{reply.reason.name.lower()}, {reply.tokens} tokens, {reply.resends} resends]")
 
 
-@main.command("safety-check", epilog=EPILOG)
+@main.command("safety-check", epilog=exit_codes(1, 2, 3))
 @click.argument("texts", nargs=-1)
 @click.option("--rules", type=click.Path(path_type=Path, dir_okay=False), help="Rules file (default: safety.rules).")
 @click.option("--json", "as_json", is_flag=True,
@@ -391,7 +423,7 @@ def safety_check(ctx, texts, rules, as_json, explain):
                            f"p(crisis) {lp['p_crisis']:.2f}; strongest: {', '.join(lp['top_features']) or '-'}")
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3))
 @click.option("--private", "private_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="Where to write the private key (PEM, mode 0600). Keep it on the workstation.")
 @click.option("--public", "public_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
@@ -407,7 +439,7 @@ def keygen(private_path, public_path):
     click.echo(f"key {kid}: private {private_path}, public {public_path}")
 
 
-@main.command(epilog=EPILOG)
+@main.command(epilog=exit_codes(1, 2, 3))
 @click.argument("manifest", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--key", required=True, type=click.Path(path_type=Path, dir_okay=False), help="Private key from `jee1 keygen`.")
 def sign(manifest, key):
@@ -425,7 +457,7 @@ def sign(manifest, key):
     click.echo(f"wrote {out}")
 
 
-@main.command("eval", epilog=EPILOG)
+@main.command("eval", epilog=exit_codes(1, 2, 3, 4))
 @click.argument("model_file", metavar="MODEL", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--task", "tasks", type=(click.Choice(["medqa", "pubmedqa", "usmle"]), click.Path(path_type=Path)),
               multiple=True, help="A benchmark and its local file (repeatable): medqa FILE.jsonl, pubmedqa FILE.json, "
@@ -526,7 +558,7 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
         click.echo(f"results: {out_dir / 'results.json'}")
 
 
-@main.command("service-response", epilog=EPILOG)
+@main.command("service-response", epilog=exit_codes(1, 2, 3))
 @click.option("--secret", "secret_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
               help="The device's service secret (kept on the technician's laptop).")
 @click.argument("challenge")

@@ -173,3 +173,17 @@ def test_quiet_and_verbose_work_before_and_after_the_command(tmp_path, tiny_base
         args = ["-q", *args] if position == "first" else [*args, "-q"]
         result = subprocess.run([bin_dir / "jee1-convert", *args], capture_output=True, text=True, timeout=300)
         assert result.returncode == 0 and result.stderr == "", (position, result.stderr)
+
+
+def test_help_shows_defaults_and_only_the_exit_codes_a_command_returns():
+    from click.testing import CliRunner
+
+    from jee1.edge.cli import main as cli
+
+    runner = CliRunner()
+    ask = " ".join(runner.invoke(cli, ["ask", "--help"]).output.split())
+    assert "Overrides runtime.n_ctx (built-in default: 2048" in ask
+    assert "Overrides cache.dir (built-in default: '/var/cache/jee1'" in ask
+    assert "4 verification failed" in ask and "5 engine busy" not in ask
+    safety = " ".join(runner.invoke(cli, ["safety-check", "--help"]).output.split())
+    assert "Exit codes: 0 success; 1 bad input" in safety and "4 verification failed" not in safety
