@@ -53,6 +53,40 @@ def settle() -> None:
     time.sleep(0.5)
 
 
+def depth_check(args) -> int:
+    """Peak RSS of every phase of a Q4_K_M conversion (rank-64 adapter on all seven projections) at
+    24 and at 48 layers, same width: what stays resident must not grow with the model's depth."""
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="jee1-depth-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    peaks = {}
+    try:
+        tokenizer = train_tokenizer(work, 512)
+        for layers in (24, 48):
+            spec = TinySpec(hidden_size=1024, intermediate_size=2816, num_hidden_layers=layers, num_attention_heads=8,
+                            num_key_value_heads=2, vocab_size=512, shards=4)
+            base = build_checkpoint(work / f"base{layers}", spec, tokenizer=tokenizer)
+            adapter = build_adapter(work / f"adapter{layers}", spec, AdapterSpec(rank=64, alpha=16))
+            settle()
+            result = convert(ConvertOptions(base_dir=base, adapter_dir=adapter, output=work / f"d{layers}.gguf",
+                                            quant=quant_type("Q4_K_M"), threads=args.threads, quiet=True))
+            peaks[layers] = {name: phase.peak_rss for name, phase in result.phases.items()}
+            shutil.rmtree(base)
+            result.output.unlink()
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    ratios = {name: round(peaks[48][name] / peaks[24][name], 3) for name in peaks[24]}
+    ok = all(r <= 1.10 for r in ratios.values())
+    if args.json:
+        print(json.dumps({"peak_rss_bytes": peaks, "ratio_48_vs_24": ratios, "target_met": ok}, indent=2))
+    else:
+        print(f"{'phase':<14} {'24 layers':>10} {'48 layers':>10} {'ratio':>7}  (target <= 1.10)")
+        for name in peaks[24]:
+            print(f"{name:<14} {peaks[24][name] / MB:>8.1f}MB {peaks[48][name] / MB:>8.1f}MB {ratios[name]:>7.3f}")
+        print("met" if ok else "MISSED")
+    return 0 if ok else 1
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="scratch directory (default: a temporary one, removed)")
@@ -61,7 +95,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5,
                         help="interleaved copy / merge+write runs; medians are reported (this VM's I/O is noisy)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--depth", action="store_true",
+                        help="only the depth check: peak RSS of every phase at 24 and 48 layers (target <= 1.10x)")
     args = parser.parse_args()
+    if args.depth:
+        return depth_check(args)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="jee1-convert-bench-"))
     work.mkdir(parents=True, exist_ok=True)

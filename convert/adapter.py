@@ -182,8 +182,12 @@ class Adapter:
         pair = self.pairs.get(weight)
         if pair is None:
             return None
-        return (self.weights.to_float32(pair.b_key) * np.float32(pair.scale),
-                self.weights.to_float32(pair.a_key))
+        factors = (self.weights.to_float32(pair.b_key) * np.float32(pair.scale), self.weights.to_float32(pair.a_key))
+        # the mapped pages would otherwise stay in this process's RSS for the rest of the run:
+        # the whole adapter by the end, a peak that grew with the model's depth
+        self.weights.release(pair.a_key)
+        self.weights.release(pair.b_key)
+        return factors
 
     def close(self) -> None:
         self.weights.close()
