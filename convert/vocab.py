@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,8 +12,12 @@ from gguf import TokenType
 from jee1.datafiles import read_json
 from jee1.errors import InputError
 
+log = logging.getLogger(__name__)
+
 TOKENIZER_FILE = "tokenizer.model"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+ADDED_TOKENS = "added_tokens.json"
+ADDED_TOKEN_SCORE = -1000.0
 
 
 @dataclass
@@ -62,6 +67,7 @@ def load_vocab(base_dir: Path, vocab_size: int) -> Vocab:
         types.append(TokenType.UNUSED)
     config_path = base_dir / TOKENIZER_CONFIG
     tok_config = read_json(config_path, "tokenizer settings") if config_path.is_file() else {}
+    _add_added_tokens(base_dir, tok_config, tokens, scores, types)
     return Vocab(
         tokens=tokens, scores=scores, types=types,
         bos_id=sp.bos_id(), eos_id=sp.eos_id(), unk_id=sp.unk_id(),
@@ -71,3 +77,45 @@ def load_vocab(base_dir: Path, vocab_size: int) -> Vocab:
         # The model's normalizer adds a leading "▁" (add_dummy_prefix) iff a lone word starts with it.
         add_space_prefix=sp.encode_as_pieces("x")[0].startswith("\u2581"),
     )
+
+
+def _looks_special(token: str) -> bool:
+    return (token.startswith("<|") and token.endswith("|>")) or token in ("<pad>", "<mask>")
+
+
+def _add_added_tokens(base_dir: Path, tok_config: dict, tokens: list[bytes], scores: list[float],
+                      types: list[int]) -> None:
+    """Tokens a fine-tune added after the SentencePiece model, as llama.cpp's converter takes them:
+    ``added_tokens.json`` (name -> id, user-defined), then ``tokenizer_config.json``'s
+    ``added_tokens_decoder`` (id -> content; control when marked special).  Without this their ids
+    would be padding, and the model could neither read nor write them."""
+    added_path = base_dir / ADDED_TOKENS
+    added = read_json(added_path, "added tokens") if added_path.is_file() else {}
+    if not isinstance(added, dict):
+        raise InputError(f"{added_path}: must be a JSON object of token -> id")
+    decoder = tok_config.get("added_tokens_decoder") or {}
+    if not isinstance(decoder, dict):
+        raise InputError(f"{base_dir / TOKENIZER_CONFIG}: added_tokens_decoder must be an object of id -> token")
+    entries = [(name, token_id, None) for name, token_id in added.items()]
+    for key, data in decoder.items():
+        try:
+            entries.append((data["content"], int(key), bool(data.get("special"))))
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{base_dir / TOKENIZER_CONFIG}: added_tokens_decoder entry {key!r} needs an integer "
+                             "id and a 'content'") from None
+    for name, token_id, special in entries:
+        if not isinstance(token_id, int) or not isinstance(name, str):
+            raise InputError(f"{added_path}: token {name!r} has id {token_id!r}, not an integer")
+        if not 0 <= token_id < len(tokens):
+            log.warning("added token %r: id %d is outside the vocabulary of %d; ignored", name, token_id, len(tokens))
+            continue
+        content = name.encode("utf-8")
+        if types[token_id] != TokenType.UNUSED and tokens[token_id] != content:
+            log.warning("added token %d replaces %r with %r", token_id, tokens[token_id].decode("utf-8", "replace"), name)
+        if special or (special is not None and _looks_special(name)):
+            types[token_id] = TokenType.CONTROL
+        else:
+            content = name.replace("\u2581", " ").encode("utf-8") if special is not None else content
+            types[token_id] = TokenType.USER_DEFINED
+        tokens[token_id] = content
+        scores[token_id] = ADDED_TOKEN_SCORE
