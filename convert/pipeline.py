@@ -29,6 +29,7 @@ from jee1.prompts import DEFAULT_TEMPLATE, load_template
 from .adapter import Adapter
 from .bnb4 import QloraBase
 from .checkpoint import Checkpoint
+from .input_hashes import InputHashes
 from .progress import phase_bar
 from .quant_types import QuantType
 from .tensor_map import tensor_specs
@@ -182,7 +183,10 @@ def convert(opts: ConvertOptions) -> ConvertResult:
     elif opts.keep_intermediate:
         log.warning("--keep-intermediate: %s is written directly, there is no intermediate to keep", quant.name)
     result = ConvertResult(out, manifest_path(out), {}, None, None)  # type: ignore[arg-type]
+    hashes = None
     try:
+        hashes = InputHashes([(p, "base") for p in checkpoint.files]
+                             + [(p, "adapter") for p in (adapter.files if adapter else [])])
         source_bytes = sum(checkpoint.tensors[spec.hf_name][1].nbytes for spec, _, _ in plan)
         with _Phase(result, "merge+write") as phase, phase_bar("merge+write", source_bytes, opts.quiet) as bar:
             written_type = LlamaFileType.MOSTLY_F16 if quant.needs_llama_quantizer else quant.file_type
@@ -201,14 +205,11 @@ def convert(opts: ConvertOptions) -> ConvertResult:
                 gate = _quality_gate(opts, tmp_written, tmp_final, checkpoint)
         with _Phase(result, "verify"):
             result.summary = _verify(tmp_final, checkpoint, quant)
-        inputs = checkpoint.files + (adapter.files if adapter else [])
-        total = sum(p.stat().st_size for p in inputs) + tmp_final.stat().st_size
+        total = hashes.total + tmp_final.stat().st_size
         with _Phase(result, "hash") as phase, phase_bar("sha256", total, opts.quiet) as bar:
             model = file_record(tmp_final, progress=bar)
             model["path"] = out.name
-            input_records = [dict(file_record(p, progress=bar), role="base") for p in checkpoint.files]
-            if adapter:
-                input_records += [dict(file_record(p, progress=bar), role="adapter") for p in adapter.files]
+            input_records = hashes.result(bar)   # hashed while the merge ran: usually done already
             phase.bytes = total
         _fsync(tmp_final)  # the rename below must never expose a file whose data is not on disk
         result.manifest_data = _manifest(result.summary, model, input_records, quant, provenance)
@@ -222,6 +223,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         _fsync_dir(out.parent)     # the renames themselves survive a power cut
         return result
     finally:
+        if hashes is not None:
+            hashes.stop()
         for _ in range(3):         # a file created while the folder was being removed: once more
             shutil.rmtree(work, ignore_errors=True)
             if not work.exists():

@@ -251,3 +251,12 @@ def test_stale_partials_of_dead_runs_are_removed(tmp_path, tiny_base, caplog):
     assert not stale_dir.exists() and live.exists() and other.exists()
     assert (tmp_path / "m.gguf").is_file()
     assert f"process {dead}" in caplog.text and "did not finish" in caplog.text
+
+
+def test_input_digests_hashed_during_the_merge_are_each_files_sha256(f16_merged, tiny_base, tiny_adapter):
+    records = f16_merged.manifest_data["inputs"]
+    roots = {"base": tiny_base, "adapter": tiny_adapter}
+    assert {r["role"] for r in records} == {"base", "adapter"}
+    for record in records:
+        path = roots[record["role"]] / record["path"]
+        assert record["sha256"] == sha256_file(path) and record["size"] == path.stat().st_size
