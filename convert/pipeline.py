@@ -222,6 +222,13 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             result.intermediate = kept
         _fsync_dir(out.parent)     # the renames themselves survive a power cut
         return result
+    except OSError as e:
+        if e.filename:             # names its path already: the CLI prints it as one line
+            raise
+        # a short write (numpy's "N requested and M written") names no file and often no errno
+        full = shutil.disk_usage(out.parent).free < METADATA_MARGIN
+        raise ResourceError(f"{out.parent}: {'no space left on the device' if full else e.strerror or e} "
+                            f"while writing {out.name} ({e}); nothing was kept") from None
     finally:
         if hashes is not None:
             hashes.stop()

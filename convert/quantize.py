@@ -7,6 +7,7 @@ output file's growth as the phase's progress.
 from __future__ import annotations
 
 import ctypes
+import shutil
 import threading
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import llama_cpp
 from .quant_types import QuantType
 
 POLL_SECONDS = 0.2
+FULL_BELOW = 16 * 1024 * 1024   # free bytes under which a failed write is put down to a full disk
 
 
 def quantize(src: Path, dst: Path, quant: QuantType, threads: int, progress=None) -> None:
@@ -42,5 +44,8 @@ def quantize(src: Path, dst: Path, quant: QuantType, threads: int, progress=None
         progress.total = reported
         progress.refresh()
     if result.get("rc", 1) != 0:
+        if shutil.disk_usage(dst.parent).free < FULL_BELOW:   # its log only says "iostream error"
+            raise ResourceError(f"{dst.parent}: no space left on the device while llama.cpp's quantizer wrote "
+                                f"{quant.name}; nothing was kept")
         raise ResourceError(f"llama.cpp's quantizer failed on {src} -> {quant.name} "
                             f"(code {result.get('rc')}); its log says why")
