@@ -176,14 +176,16 @@ def test_quiet_and_verbose_work_before_and_after_the_command(tmp_path, tiny_base
 
 
 def test_help_shows_defaults_and_only_the_exit_codes_a_command_returns():
-    from click.testing import CliRunner
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    from jee1.edge.cli import main as cli
-
-    runner = CliRunner()
-    ask = " ".join(runner.invoke(cli, ["ask", "--help"]).output.split())
+    jee1 = Path(sys.executable).parent / "jee1"
+    help_of = lambda cmd: " ".join(subprocess.run([jee1, cmd, "--help"], capture_output=True, text=True,  # noqa: E731
+                                                  check=True).stdout.split())
+    ask = help_of("ask")
     assert "Overrides runtime.n_ctx (built-in default: 2048" in ask
     assert "Overrides cache.dir (built-in default: '/var/cache/jee1'" in ask
     assert "4 verification failed" in ask and "5 engine busy" not in ask
-    safety = " ".join(runner.invoke(cli, ["safety-check", "--help"]).output.split())
+    safety = help_of("safety-check")
     assert "Exit codes: 0 success; 1 bad input" in safety and "4 verification failed" not in safety

@@ -370,3 +370,21 @@ def test_base_row_is_measured_beside_the_model_with_the_paired_test(tmp_path, fi
     assert [r["model"] for r in results["runs"]] == ["reference", "model"]
     assert results["runs"][0]["tasks"]["medqa"]["chance"] == 0.25
     assert (out / "accuracy.png").stat().st_size > 10_000
+
+
+def test_bad_eval_inputs_cost_a_second_not_a_model_load(tmp_path, files, f16_merged):
+    """Missing task file, too few few-shot examples: exit 1 before the model is verified or loaded
+    (a real process; the cache folder, where verification would write, is never created)."""
+    import subprocess
+    import sys
+
+    jee1 = Path(sys.executable).parent / "jee1"
+    base = [jee1, "-q", "eval", f16_merged.output, "--cache-dir", tmp_path / "cache", "--audit-log",
+            tmp_path / "audit.jsonl", "--out", tmp_path / "out"]
+    cases = [(["--task", "medqa", tmp_path / "typo.jsonl"], "typo.jsonl: no such file"),
+             (["--task", "medqa", files["medqa"], "--fewshot", "medqa", files["shots"], "-k", "99"],
+              "99-shot needs 99 examples")]
+    for args, message in cases:
+        result = subprocess.run([*map(str, base), *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 1 and message in result.stderr, result.stderr
+        assert not (tmp_path / "cache").exists()
