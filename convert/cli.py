@@ -84,13 +84,16 @@ def _terminate(signum, _frame):
               help="Values per 4-bit block: " + ", ".join(map(str, BLOCKSIZES)) + ".")
 @click.option("--qlora-double-quant/--no-qlora-double-quant", default=True, show_default=True,
               help="Whether the run quantized the block scales again (bnb_4bit_use_double_quant).")
+@click.option("--model-version", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Release number written into the manifest (model.version). Raise it with every release: a "
+                   "device refuses a model older than the newest it has accepted (docs/manifest.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars, warnings and errors only.")
 @click.option("-v", "--verbose", count=True, help="More log output (llama.cpp's included).")
 @click.pass_context
 def main(ctx, base_dir, adapter_dir, output, quant, template, threads, keep_intermediate, verify_against_f16,
          verify_text, max_kl, min_top1, qlora_base, qlora_dtype, qlora_blocksize, qlora_double_quant,
-         as_json, quiet, verbose):
+         model_version, as_json, quiet, verbose):
     """Convert a Hugging Face Llama-2 checkpoint (BASE_DIR) and an optional PEFT LoRA adapter
     into a single GGUF for llama.cpp, merged, quantized, verified and checksummed.
 
@@ -119,7 +122,7 @@ def main(ctx, base_dir, adapter_dir, output, quant, template, threads, keep_inte
                               template=template, threads=threads, keep_intermediate=keep_intermediate,
                               quiet=quiet or as_json, verify_against_f16=verify_against_f16,
                               verify_text=verify_text, max_kl=max_kl, min_top1=min_top1,
-                              qlora_base=round_trip)
+                              qlora_base=round_trip, model_version=model_version)
         result = convert(opts)
     except Jee1Error as e:
         click.echo(f"jee1-convert: error: {e}", err=True)

@@ -59,6 +59,7 @@ class ConvertOptions:
     max_kl: float = 0.10                 # mean KL(F16 || quantized) allowed, nats per token
     min_top1: float = 0.85               # top-1 agreement required
     qlora_base: QloraBase | None = None  # merge into the 4-bit round trip of the base QLoRA trained on
+    model_version: int = 1               # release number in the manifest: devices refuse going back
 
 
 @dataclass
@@ -152,6 +153,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         raise InputError(f"{out}: is a directory; give the output file name")
     if opts.verify_against_f16 and not quant.needs_llama_quantizer:
         raise InputError(f"--verify-against-f16 compares a quantized file with its F16; --quant {quant.name} has none")
+    if not isinstance(opts.model_version, int) or opts.model_version < 1:
+        raise InputError(f"--model-version {opts.model_version!r} must be a whole number of at least 1")
     if opts.verify_text is not None and not Path(opts.verify_text).is_file():
         raise InputError(f"{opts.verify_text}: verification text does not exist")
 
@@ -212,7 +215,8 @@ def convert(opts: ConvertOptions) -> ConvertResult:
             input_records = hashes.result(bar)   # hashed while the merge ran: usually done already
             phase.bytes = total
         _fsync(tmp_final)  # the rename below must never expose a file whose data is not on disk
-        result.manifest_data = _manifest(result.summary, model, input_records, quant, provenance)
+        result.manifest_data = _manifest(result.summary, model | {"version": opts.model_version}, input_records,
+                                         quant, provenance)
         if gate is not None:
             result.manifest_data["quality_gate"] = gate
         write_json_atomic(result.manifest, result.manifest_data)

@@ -32,7 +32,7 @@ from jee1.prompts import load_template
 
 from .audit import AuditLog, text_digest
 from .gpu_plan import ModelShape, Plan, accelerator_free_bytes, is_unified_memory_board, plan_pair
-from .model_check import ModelRejected, check_model
+from .model_check import ModelRejected, VersionLedger, check_model
 from .prompt import PromptLayout
 from .prompt_cache import WarmPrefix, cache_key
 from .safety import Decision, SafetyPolicy
@@ -186,11 +186,17 @@ class Engine:
         s_audit = settings["audit"]
         self.audit = AuditLog(s_audit["path"], s_audit["max_bytes"], s_audit["backups"], s_audit["log_text"],
                               key_dir=cache_dir)
+        self._ledger = VersionLedger(cache_dir)
+        self._versions: dict[str, tuple[Path, int, dict | None, str | None]] = {}   # role -> accepted on start
         if s_model["verify"]:
+            checked = None
             try:
                 checked = check_model(self.model_path, [Path(k) for k in s_model["trusted_keys"]], cache_dir,
                                       progress)
+                self._check_version("model", self.model_path, checked)
             except (ModelRejected, InputError) as e:   # its own audit event, not only a message on stderr
+                if checked is not None:
+                    checked.close()
                 self.audit.record("model_refused", model=self.model_path.name, reason=str(e))
                 self.audit.close()
                 raise
@@ -233,7 +239,10 @@ class Engine:
         if s_model["verify"]:
             try:
                 checked = check_model(path, [Path(k) for k in s_model["trusted_keys"]], cache_dir, progress)
+                self._check_version("draft", path, checked)
             except (ModelRejected, InputError) as e:
+                if checked is not None:
+                    checked.close()
                 self.audit.record("model_refused", model=path.name, role="draft", reason=str(e))
                 raise
         self._draft_load_path = (checked.load_path if checked is not None else None) or str(path)
@@ -248,6 +257,20 @@ class Engine:
             raise
         self.draft_path, self._target_vocab = path, len(target_tokens)
         return checked, draft_summary
+
+    def _check_version(self, role: str, path: Path, checked) -> None:
+        version, older = self._ledger.check(role, path, checked.manifest, self.settings["model"]["allow_downgrade"])
+        self._versions[role] = (path, version, older, checked.sha256)
+
+    def _record_versions(self) -> None:
+        """Once the engine started: each role's version becomes the newest this device accepted."""
+        for role, (path, version, older, sha256) in self._versions.items():
+            if older is not None:
+                self.audit.record("model_downgrade", role=role, model=path.name, version=version,
+                                  replaced_version=older["version"], replaced_model=older["name"])
+                log.warning("%s: deliberate downgrade of the %s from version %d to %d (model.allow_downgrade)",
+                            path.name, role, older["version"], version)
+            self._ledger.accept(role, path, version, sha256)
 
     def _load(self, path, settings: Settings, gpu_layers: int, **extra):
         s_rt = settings["runtime"]
@@ -299,6 +322,7 @@ class Engine:
                           warm_prefix=self.warm.source if self.warm else "off", draft=s_rt["draft"],
                           draft_model=self.draft_path.name if self.draft_llama else None,
                           draft_gpu_layers=self.draft_plan.gpu_layers if self.draft_llama else None)
+        self._record_versions()
         log.info("engine ready: %s (%s), %s, GPU layers %d/%d (%s), warm prefix %s (%d tokens)",
                  self.model_path.name, self.quant, self.verified, self.plan.gpu_layers, self.plan.total_layers,
                  self.plan.reason, self.warm.source if self.warm else "off", len(prefix_tokens))

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 SIGNATURE_SUFFIX = ".sig"
 VERIFIED_CACHE = "verified-models.json"
+ACCEPTED_VERSIONS = "accepted-versions.json"
 
 
 class ModelRejected(VerificationError):
@@ -208,3 +209,53 @@ def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, p
     except BaseException:
         f.close()
         raise
+
+
+class VersionLedger:
+    """The newest model version this device has accepted, per role ("model", "draft"), in device
+    state (cache.dir, mode 0600).  A signed manifest of an older release is refused: without this,
+    whoever holds an old signed model could install it in place of a fixed one.  A manifest without
+    ``model.version`` counts as version 0."""
+
+    def __init__(self, directory: Path | None):
+        self.path = Path(directory) / ACCEPTED_VERSIONS if directory else None
+
+    def _read(self) -> dict:
+        if self.path is None or not self.path.is_file():
+            return {}
+        try:
+            data = json.loads(self.path.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, json.JSONDecodeError):
+            log.warning("%s: unreadable accepted-versions file; treating it as empty", self.path)
+            return {}
+
+    def newest(self, role: str) -> dict | None:
+        return self._read().get(role)
+
+    def check(self, role: str, model: Path, manifest: dict, allow_downgrade: bool) -> tuple[int, dict | None]:
+        """(version, the newest accepted before when this is a downgrade); ModelRejected for a
+        downgrade that is not allowed."""
+        version = manifest.get("model", {}).get("version", 0)
+        if not isinstance(version, int) or version < 0:
+            raise ModelRejected(f"{manifest_path(model)}: model.version {version!r} is not a whole number")
+        newest = self.newest(role)
+        if newest is not None and version < newest["version"]:
+            if not allow_downgrade:
+                raise ModelRejected(
+                    f"{model}: version {version} is older than version {newest['version']} ({newest['name']}) "
+                    f"this device accepted as its {role}; a deliberate downgrade needs model.allow_downgrade = true")
+            return version, newest
+        return version, None
+
+    def accept(self, role: str, model: Path, version: int, sha256: str | None) -> None:
+        """Record ``version`` as the newest for ``role`` (after a deliberate downgrade too)."""
+        if self.path is None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            data = self._read()
+            data[role] = {"version": version, "name": model.name, "sha256": sha256}
+            write_json_atomic(self.path, data, mode=0o600)
+        except OSError as e:
+            log.warning("%s: cannot record the accepted version (%s)", self.path, e.strerror)

@@ -4,6 +4,7 @@ import base64
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -221,3 +222,62 @@ def test_a_rename_during_the_check_cannot_get_an_unchecked_file_loaded(model, tm
         read_gguf(model)                            # what the name now holds would not even load
     with pytest.raises(ModelRejected, match="sha256"):
         Engine(engine_settings(model, tmp_path / "next"))       # and the next start refuses it
+
+
+@pytest.fixture(scope="module")
+def releases(tmp_path_factory, tiny_base, tiny_adapter):
+    """The same model converted as release 1 and release 2 (each with its own manifest)."""
+    from conftest import run_convert
+
+    out = tmp_path_factory.mktemp("releases")
+    return {v: run_convert(tiny_base, out / f"sm70-v{v}.F16.gguf", "F16", tiny_adapter, model_version=v).output
+            for v in (1, 2)}
+
+
+def _signed_settings(model_path, workdir, keys, **model):
+    for path in {model_path, *(Path(p) for p in model.pop("extra", []))}:
+        sign_manifest(manifest_path(path), keys / "a.key")
+    return engine_settings(model_path, workdir, model={"trusted_keys": [str(keys / "a.pub")], **model})
+
+
+def test_an_older_signed_release_is_refused_unless_downgrade_is_allowed(releases, keys, tmp_path):
+    workdir = tmp_path / "device"
+    with Engine(_signed_settings(releases[2], workdir, keys)):
+        pass
+    ledger = json.loads((workdir / "cache" / "accepted-versions.json").read_text())
+    assert ledger["model"]["version"] == 2
+    assert oct((workdir / "cache" / "accepted-versions.json").stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(ModelRejected, match="version 1 is older than version 2 .*allow_downgrade"):
+        Engine(_signed_settings(releases[1], workdir, keys))
+    audit = [json.loads(line) for line in (workdir / "audit.jsonl").read_text().splitlines()]
+    assert audit[-1]["event"] == "model_refused" and "older than version 2" in audit[-1]["reason"]
+    with Engine(_signed_settings(releases[1], workdir, keys, allow_downgrade=True)):
+        pass
+    audit = [json.loads(line) for line in (workdir / "audit.jsonl").read_text().splitlines()]
+    downgrade = [r for r in audit if r["event"] == "model_downgrade"]
+    assert downgrade and downgrade[-1]["version"] == 1 and downgrade[-1]["replaced_version"] == 2
+    assert json.loads((workdir / "cache" / "accepted-versions.json").read_text())["model"]["version"] == 1
+
+
+def test_a_manifest_without_a_version_counts_as_zero(releases, keys, tmp_path, model):
+    workdir = tmp_path / "device"
+    with Engine(_signed_settings(releases[1], workdir, keys)):
+        pass
+    data = json.loads(manifest_path(model).read_text())
+    data["model"].pop("version", None)                     # as written before versions existed
+    manifest_path(model).write_text(json.dumps(data))
+    with pytest.raises(ModelRejected, match="version 0 is older than version 1"):
+        Engine(_signed_settings(model, workdir, keys))
+
+
+def test_the_draft_is_tracked_apart_from_the_model(releases, keys, tmp_path):
+    workdir = tmp_path / "device"
+    with Engine(_signed_settings(releases[2], workdir, keys)):
+        pass
+    draft = {"draft": "model", "draft_model": str(releases[1])}
+    settings = _signed_settings(releases[2], workdir, keys, extra=[releases[1]])
+    settings.data["runtime"].update(draft)
+    with Engine(settings):                                    # draft release 1 after model release 2: fine
+        pass
+    ledger = json.loads((workdir / "cache" / "accepted-versions.json").read_text())
+    assert ledger["model"]["version"] == 2 and ledger["draft"]["version"] == 1
