@@ -559,17 +559,67 @@ def eval_(ctx, model_file, tasks, mode, style, fewshot, k, seed, limit, strict, 
 
 
 @main.command("service-response", epilog=exit_codes(1, 2, 3))
-@click.option("--secret", "secret_path", required=True, type=click.Path(path_type=Path, dir_okay=False),
-              help="The device's service secret (kept on the technician's laptop).")
+@click.option("--fleet-key", type=click.Path(path_type=Path, dir_okay=False),
+              help="The fleet key (jee1 service-key fleet), on the technician's laptop; needs --serial.")
+@click.option("--serial", help="The device's serial number (on its label), with --fleet-key.")
+@click.option("--secret", "secret_path", type=click.Path(path_type=Path, dir_okay=False),
+              help="A device's own service secret instead of --fleet-key/--serial.")
 @click.argument("challenge")
-def service_response(secret_path, challenge):
-    """Compute the technician console's login response to CHALLENGE: HMAC-SHA256(secret, challenge), hex."""
-    from jee1.firmware_bridge.console import load_secret, response_for
+def service_response(fleet_key, serial, secret_path, challenge):
+    """Compute the technician console's login response to CHALLENGE:
+    HMAC-SHA256(device secret, challenge), hex.  The device secret is derived from the fleet key
+    and the device's serial (docs/service.md), or read from --secret.
+
+    \b
+      jee1 service-response --fleet-key ~/jee1-fleet.key --serial JEE1-000123 3f9c...
+    """
+    from jee1.firmware_bridge.console import device_secret, load_secret, response_for
 
     try:
-        click.echo(response_for(load_secret(secret_path), challenge))
+        if bool(fleet_key) == bool(secret_path) or bool(fleet_key) != bool(serial):
+            raise InputError("give --fleet-key with --serial, or --secret")
+        secret = device_secret(load_secret(fleet_key), serial) if fleet_key else load_secret(secret_path)
+        click.echo(response_for(secret, challenge))
     except Jee1Error as e:
         _fail(e)
+
+
+@main.group("service-key", epilog=exit_codes(1, 2, 3))
+def service_key():
+    """Make the console's service secrets: one fleet key in the workshop, one secret per device
+    derived from it and the device's serial (docs/service.md)."""
+
+
+@service_key.command("fleet", epilog=exit_codes(1, 2, 3))
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the fleet key (mode 0600). Keep it off the devices.")
+def service_key_fleet(out):
+    """Create a fleet key: 32 random bytes, hex."""
+    import secrets as random_bytes
+
+    from jee1.firmware_bridge.console import write_secret
+
+    try:
+        write_secret(out, random_bytes.token_hex(32).encode())
+    except Jee1Error as e:
+        _fail(e)
+    click.echo(f"wrote {out} (mode 0600): keep it on the workshop machine and technicians' laptops only")
+
+
+@service_key.command("device", epilog=exit_codes(1, 2, 3))
+@click.option("--fleet-key", required=True, type=click.Path(path_type=Path, dir_okay=False), help="The fleet key.")
+@click.option("--serial", required=True, help="The device's serial number.")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="Where to write the device's secret (mode 0600), e.g. /etc/jee1/service.key on the device.")
+def service_key_device(fleet_key, serial, out):
+    """Write one device's service secret, derived from the fleet key and its serial."""
+    from jee1.firmware_bridge.console import device_secret, load_secret, write_secret
+
+    try:
+        write_secret(out, device_secret(load_secret(fleet_key), serial))
+    except Jee1Error as e:
+        _fail(e)
+    click.echo(f"wrote {out} (mode 0600) for device {serial}")
 
 
 def _verbosity_after_the_command(ctx, param, value):

@@ -62,6 +62,37 @@ def response_for(secret: bytes, challenge: str) -> str:
     return hmac.new(secret, challenge.strip().encode(), hashlib.sha256).hexdigest()
 
 
+# -- service secrets: one per device, derived from a fleet key that never leaves the workshop ------
+
+_SERIAL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_DERIVATION = b"jee1 device service secret v1\0"
+
+
+def check_serial(serial: str) -> str:
+    if not _SERIAL.fullmatch(serial or ""):
+        raise InputError(f"serial {serial!r}: 1-64 letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return serial
+
+
+def device_secret(fleet_key: bytes, serial: str) -> bytes:
+    """The device's service secret: HMAC-SHA256(fleet key, label + serial), as 64 hex characters.
+    A device holds only its own; whoever reads it off one device can open that device alone."""
+    return hmac.new(fleet_key, _DERIVATION + check_serial(serial).encode(), hashlib.sha256).hexdigest().encode()
+
+
+def write_secret(path: Path, secret: bytes) -> None:
+    """Write a secret file mode 0600, atomically; refuse to overwrite one."""
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"{path}: exists; remove it first if it is really to be replaced")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secret + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class Lockout:
     """Failed logins and the time the port is locked until (wall clock), kept in a 0600 JSON file
     when a path is given, so the doubling delay survives a replugged cable and a restart."""

@@ -664,3 +664,35 @@ def test_the_service_outlives_a_full_status_folder(tmp_path, small_tmpfs, q4_mer
         stop.set()
         thread.join(30)
     assert not failures
+
+
+def test_service_keys_are_per_device_and_the_fleet_key_answers_for_each(tmp_path):
+    """jee1 service-key fleet/device and service-response --fleet-key --serial, in real processes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    jee1 = Path(sys.executable).parent / "jee1"
+    run = lambda *a: subprocess.run([str(jee1), *map(str, a)], capture_output=True, text=True, timeout=60)  # noqa: E731
+    assert run("service-key", "fleet", "--out", tmp_path / "fleet.key").returncode == 0
+    for serial in ("JEE1-000123", "JEE1-000124"):
+        result = run("service-key", "device", "--fleet-key", tmp_path / "fleet.key", "--serial", serial,
+                     "--out", tmp_path / f"{serial}.key")
+        assert result.returncode == 0, result.stderr
+        assert oct((tmp_path / f"{serial}.key").stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "fleet.key").stat().st_mode & 0o777) == "0o600"
+    a, b = ((tmp_path / f"JEE1-00012{i}.key").read_text() for i in (3, 4))
+    assert a != b and (tmp_path / "fleet.key").read_text() not in (a, b)
+    by_fleet = run("service-response", "--fleet-key", tmp_path / "fleet.key", "--serial", "JEE1-000123", "c0ffee")
+    by_secret = run("service-response", "--secret", tmp_path / "JEE1-000123.key", "c0ffee")
+    other = run("service-response", "--secret", tmp_path / "JEE1-000124.key", "c0ffee")
+    assert by_fleet.returncode == by_secret.returncode == 0
+    assert by_fleet.stdout == by_secret.stdout != other.stdout
+    # what the device's console computes from its own secret file
+    from jee1.firmware_bridge.console import load_secret, response_for
+    assert by_fleet.stdout.strip() == response_for(load_secret(tmp_path / "JEE1-000123.key"), "c0ffee")
+    refused = run("service-key", "fleet", "--out", tmp_path / "fleet.key")
+    assert refused.returncode == 1 and "exists" in refused.stderr
+    bad = run("service-response", "--fleet-key", tmp_path / "fleet.key", "--serial", "../etc", "c0ffee")
+    assert bad.returncode == 1 and "serial '../etc'" in bad.stderr
+    assert run("service-response", "--fleet-key", tmp_path / "fleet.key", "c0ffee").returncode == 1
