@@ -21,10 +21,11 @@ from jee1.convert.pipeline import ConvertOptions, convert
 from jee1.convert.quant_types import quant_type
 from jee1.convert.tiny import AdapterSpec, TinySpec, build_adapter, build_checkpoint
 from jee1.edge.engine import Engine
-from jee1.edge.eval.prompting import PromptStyle, pick_shots
+from jee1.edge.eval.prompting import FewshotSampler, PromptStyle
 from jee1.edge.eval.scoring import LoglikScorer
 from jee1.edge.eval.tasks import Item
 from jee1.edge.settings import Settings
+from jee1.llama_backend import rewind
 
 WORDS = ("aspirin heparin insulin metformin sepsis asthma stroke anaemia warfarin lithium gout "
          "pneumonia troponin ferritin thyroid dialysis").split()
@@ -58,13 +59,15 @@ def main() -> int:
         items = synthetic_items(args.questions, 1)
         pool = synthetic_items(20, 2)
         style = PromptStyle("harness")
-        prompts = [(style.build(item, pick_shots(pool, args.shots, 1234, item.id)), item) for item in items]
+        # one draw for every question: the shared few-shot prefix is what the KV-cache reuse is measured on
+        shots = FewshotSampler(pool, args.shots, 1234, same_file=False).draw(items[0])
+        prompts = [(style.build(item, shots), item) for item in items]
         rates = {True: [], False: []}
         with Engine(settings) as engine, engine._lock:
             for _ in range(args.rounds):
                 for reuse in (True, False):
                     scorer = LoglikScorer(engine.llama, reuse_cache=reuse)
-                    engine.llama.n_tokens = 0
+                    rewind(engine.llama, 0)
                     start = time.perf_counter()
                     for prompt, item in prompts:
                         scorer.score(prompt, item)

@@ -33,7 +33,7 @@ from jee1.convert.quant_types import quant_type
 from jee1.convert.tiny import AdapterSpec, TinySpec, build_adapter, build_checkpoint
 from jee1.edge.engine import Engine
 from jee1.edge.settings import Settings
-from jee1.llama_backend import load_llama
+from jee1.llama_backend import clear_context, load_llama
 
 QUESTION = "Which enzyme does aspirin inhibit?"
 # A realistic fixed preamble of a few hundred tokens: the device's instructions to the model.
@@ -49,11 +49,6 @@ LONG_PREAMBLE = " ".join([
     "Use SI units, write drug names in their international non-proprietary form,",
     "and prefer recommendations from current international guidelines over older practice.",
 ])
-
-
-def clear_context(llama) -> None:
-    llama.reset()
-    llama._ctx.kv_cache_seq_rm(-1, 0, -1)
 
 
 def bare_generate(llama, prompt: str, n_tokens: int):

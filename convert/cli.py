@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -12,6 +11,7 @@ from pathlib import Path
 import click
 
 from jee1 import __version__
+from jee1.logs import configure_logging
 from jee1.errors import EXIT_CODES, Jee1Error, ResourceError, os_error_line
 from jee1.prompts import DEFAULT_TEMPLATE, template_names
 
@@ -19,15 +19,6 @@ from .bnb4 import BLOCKSIZES, QloraBase
 from .quant_types import DEFAULT_QUANT, QUANT_TYPES, quant_type
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
-
-
-def configure_logging(verbose: int, quiet: bool) -> None:
-    """Both commands' -q / -v; may be called again (``jee1 eval -q`` after ``jee1``'s own options)."""
-    level = logging.WARNING if quiet else (logging.DEBUG if verbose else logging.INFO)
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(level)
-    # gguf-py narrates every write at INFO
-    logging.getLogger("gguf").setLevel(logging.NOTSET if verbose else logging.WARNING)
 
 
 def _qlora_base(ctx: click.Context, kind: str, dtype: str, blocksize: int, double_quant: bool) -> QloraBase | None:

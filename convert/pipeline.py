@@ -34,7 +34,6 @@ from .progress import phase_bar
 from .quant_types import QuantType
 from .tensor_map import tensor_specs
 from .vocab import load_vocab
-from .tiny import CORPUS
 from .writer import Provenance, tensor_plan, write_gguf
 
 log = logging.getLogger(__name__)
@@ -286,12 +285,13 @@ def _quality_gate(opts: ConvertOptions, f16: Path, quantized: Path, checkpoint: 
     """KL divergence and top-1 agreement of the quantized file against the F16 on a medical text."""
     import hashlib
 
+    from jee1.datafiles import MEDICAL_TEXT
     from jee1.quality import compare
 
     if opts.verify_text is not None:
         name, text = str(opts.verify_text), Path(opts.verify_text).read_text(encoding="utf-8")
     else:
-        name, text = f"built-in {CORPUS.name}", CORPUS.read_text(encoding="utf-8")
+        name, text = f"built-in {MEDICAL_TEXT.name}", MEDICAL_TEXT.read_text(encoding="utf-8")
     n_ctx = min(512, checkpoint.config.max_position_embeddings)
     result = compare(f16, quantized, text, n_ctx=n_ctx, threads=opts.threads).as_json()
     gate = {"text": name, "text_sha256": hashlib.sha256(text.encode()).hexdigest(), "n_ctx": n_ctx,

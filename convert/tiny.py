@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
+from jee1.datafiles import MEDICAL_TEXT as CORPUS   # the tokenizer's training text
+
 from .checkpoint import INDEX_FILE, LlamaConfig
 from .safetensors_io import write_safetensors
 from .tensor_map import layer_index, module_name, tensor_specs
 
-CORPUS = resources.files("jee1.convert") / "data" / "medical_corpus.txt"
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

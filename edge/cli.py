@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from jee1 import __version__
-from jee1.convert.cli import configure_logging
+from jee1.logs import configure_logging
 from jee1.errors import EXIT_CODES, InputError, Jee1Error, ResourceError, os_error_line
 
 EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."

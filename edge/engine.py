@@ -24,7 +24,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jee1.errors import InputError, Jee1Error
+from jee1.errors import Busy, InputError, Jee1Error  # noqa: F401  (Busy: part of the engine's face)
 from jee1.gguf_info import read_gguf
 from jee1.llama_backend import TokenPieces, load_llama, supports_gpu_offload
 from jee1.procstat import status_bytes
@@ -48,12 +48,6 @@ LOOP_CHECK_EVERY = 16   # tokens between repetition-loop checks (the check scans
 # is handed over at once, so time to first text is unchanged and a 3 tokens/s 70B streams per token.
 STREAM_FLUSH_S = 0.02
 _gpu_notice = threading.Event()
-
-
-class Busy(Jee1Error):
-    """The request queue is full; try again later."""
-
-    exit_code = 5
 
 
 @dataclass

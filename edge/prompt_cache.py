@@ -4,7 +4,6 @@ that a request only evaluates the question."""
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import logging
@@ -13,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 import llama_cpp
+
+from jee1.llama_backend import (capture_sequence_state, clear_context, context_tokens, evaluate,
+                                install_sequence_state)
 
 log = logging.getLogger(__name__)
 
@@ -36,22 +38,10 @@ class WarmPrefix:
     # -- llama.cpp sequence state ---------------------------------------------------------
 
     def _capture(self) -> bytes:
-        ctx = self.llama._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, SEQ)
-        buf = (ctypes.c_uint8 * size)()
-        written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, SEQ)
-        return bytes(buf[:written])
+        return capture_sequence_state(self.llama, SEQ)
 
     def _install(self, state: bytes) -> bool:
-        self.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
-        buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(self.llama._ctx.ctx, buf, len(state), SEQ) != len(state):
-            return False
-        n = len(self.tokens)
-        self.llama.input_ids[:n] = self.tokens
-        self.llama.n_tokens = n
-        self.llama._requires_eval = True  # logits are not restored: the question's decode refreshes them
-        return True
+        return install_sequence_state(self.llama, state, self.tokens, SEQ)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -60,9 +50,8 @@ class WarmPrefix:
         if self.path and self.path.is_file() and self._load_file():
             self.source = "disk"
             return
-        self.llama.reset()
-        self.llama._ctx.kv_cache_seq_rm(-1, 0, -1)
-        self.llama.eval(self.tokens)
+        clear_context(self.llama)
+        evaluate(self.llama, self.tokens)
         self.state = self._capture()
         self.source = "evaluated"
         if self.path:
@@ -101,7 +90,8 @@ class WarmPrefix:
         if self.state is None:
             return False
         n = len(self.tokens)
-        if self.llama.n_tokens >= n and list(self.llama.input_ids[:n]) == self.tokens:
+        have = context_tokens(self.llama)
+        if len(have) >= n and list(have[:n]) == self.tokens:
             return True  # generate()'s prefix match trims the rest
         return self.restore()
 

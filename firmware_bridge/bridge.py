@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from jee1.edge.engine import Busy
+from jee1.errors import Busy
 from jee1.errors import InputError, Jee1Error
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack

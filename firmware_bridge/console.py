@@ -24,7 +24,7 @@ from collections import deque
 from pathlib import Path
 
 from jee1 import __version__
-from jee1.edge.engine import Busy
+from jee1.errors import Busy
 from jee1.errors import InputError
 
 from .transports import SerialTransport, TransportClosed

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import json
 import tomllib
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from jee1.errors import InputError
+
+# The medical text shipped with jee1: the default text of a KL comparison (jee1-convert's quality
+# gate), and what the tiny model's tokenizer is trained on.
+MEDICAL_TEXT = resources.files("jee1.convert") / "data" / "medical_corpus.txt"
 
 
 def read_toml(path: Path | Any, what: str) -> dict:

@@ -19,6 +19,12 @@ class ResourceError(Jee1Error):
     exit_code = 3
 
 
+class Busy(Jee1Error):
+    """The request queue is full; try again later."""
+
+    exit_code = 5
+
+
 class VerificationError(Jee1Error):
     """The output was written but failed its own check; nothing was kept."""
 

@@ -238,6 +238,34 @@ def context_tokens(llama: "llama_cpp.Llama") -> np.ndarray:
     return llama.input_ids[: llama.n_tokens]
 
 
+def clear_context(llama: "llama_cpp.Llama") -> None:
+    """Empty the context: no tokens, no KV cache."""
+    llama.reset()
+    llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+
+
+def capture_sequence_state(llama: "llama_cpp.Llama", seq: int = 0) -> bytes:
+    """llama.cpp's state of sequence ``seq`` (its KV cache), as bytes."""
+    ctx = llama._ctx.ctx
+    size = llama_cpp.llama_state_seq_get_size(ctx, seq)
+    buf = (ctypes.c_uint8 * size)()
+    written = llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq)
+    return bytes(buf[:written])
+
+
+def install_sequence_state(llama: "llama_cpp.Llama", state: bytes, tokens: list[int], seq: int = 0) -> bool:
+    """Replace the context by a captured state holding ``tokens``; False if llama.cpp refuses it.
+    The logits are not restored: the next evaluation refreshes them."""
+    llama._ctx.kv_cache_seq_rm(-1, 0, -1)
+    buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    if llama_cpp.llama_state_seq_set_data(llama._ctx.ctx, buf, len(state), seq) != len(state):
+        return False
+    llama.input_ids[:len(tokens)] = tokens
+    llama.n_tokens = len(tokens)
+    llama._requires_eval = True
+    return True
+
+
 def rewind(llama: "llama_cpp.Llama", n: int) -> None:
     """Keep only the first ``n`` tokens of the context (KV cache included)."""
     if n < llama.n_tokens:

@@ -292,7 +292,7 @@ def test_eval_shows_what_the_choice_changes_in_kl(tmp_path, tiny_base, tiny_adap
     """Both merges at Q4_K_M, then ``jee1 eval FAITHFUL --reference PLAIN --text``: what a user runs."""
     from click.testing import CliRunner
 
-    from jee1.convert.tiny import CORPUS
+    from jee1.datafiles import MEDICAL_TEXT as CORPUS
     from jee1.edge.cli import main as jee1_cli
 
     faithful = run_convert(tiny_base, tmp_path / "nf4.Q4_K_M.gguf", "Q4_K_M", tiny_adapter, qlora_base=QloraBase())

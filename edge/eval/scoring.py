@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jee1.llama_backend import context_tokens, evaluate, last_logits, rewind
+
 from .prompting import Prompt
 from .tasks import Item
 
@@ -41,7 +43,7 @@ class LoglikScorer:
         return self.llama.tokenize(text.encode("utf-8"), add_bos=bos, special=special)
 
     def _last_logits(self) -> np.ndarray:
-        return np.ctypeslib.as_array(self.llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,)).copy()
+        return last_logits(self.llama).copy()
 
     def _evaluate_context(self, tokens: list[int]) -> np.ndarray:
         """Bring the context to exactly ``tokens`` (reusing the longest cached prefix) and return the
@@ -49,11 +51,11 @@ class LoglikScorer:
         llama = self.llama
         keep = 0
         if self.reuse:
-            cached = llama.input_ids[:llama.n_tokens]
+            cached = context_tokens(llama)
             while keep < min(len(cached), len(tokens) - 1) and cached[keep] == tokens[keep]:
                 keep += 1
-        llama.n_tokens = keep           # llama.eval() trims the KV cache from n_tokens on
-        llama.eval(tokens[keep:])
+        rewind(llama, keep)
+        evaluate(llama, tokens[keep:])
         return self._last_logits()
 
     def continuation_tokens(self, context: list[int], text: str, continuation: str, special: bool = False) -> list[int]:
@@ -71,14 +73,14 @@ class LoglikScorer:
         for continuation in prompt.continuations:
             tokens = self.continuation_tokens(context, prompt.context, continuation, prompt.special_tokens)
             if not self.reuse:
-                self.llama.n_tokens = 0
+                rewind(self.llama, 0)
                 context_logits = self._evaluate_context(context)
             total = float(log_softmax(context_logits)[tokens[0]])
-            self.llama.n_tokens = len(context)
+            rewind(self.llama, len(context))
             for previous, token in zip(tokens, tokens[1:]):
-                self.llama.eval([previous])
+                evaluate(self.llama, [previous])
                 total += float(log_softmax(self._last_logits())[token])
-            self.llama.n_tokens = len(context)   # trim this option off again
+            rewind(self.llama, len(context))   # trim this option off again
             sums.append(total)
         # acc_norm as the harness computes it: divided by the length in characters of the choice
         # itself ("A", "maybe"), without the leading space of the continuation
