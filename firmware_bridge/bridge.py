@@ -21,7 +21,8 @@ from jee1.errors import InputError, Jee1Error
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
 from .protocol import (ANSWER_BUFFER_BYTES, DEFAULT_WINDOW, HEARTBEAT_S, MAX_IN_FLIGHT, MAX_PAYLOAD,
-                       MAX_QUESTION_BYTES, MIN_VERSION, PROTOCOL_VERSION, DoneFlags, DoneReason, ErrorCode, Flags, MsgType)
+                       MAX_QUESTION_BYTES, MIN_PAYLOAD, MIN_VERSION, MIN_WINDOW, PROTOCOL_VERSION, DoneFlags, DoneReason,
+                       ErrorCode, Flags, MsgType)
 from .transports import SerialTransport, TransportClosed, UnixListener
 
 log = logging.getLogger(__name__)
@@ -173,8 +174,13 @@ class Session:
             self.ready = False
             return self.error(ErrorCode.VERSION_MISMATCH, f"bridge speaks {MIN_VERSION}..{PROTOCOL_VERSION}, "
                               f"peer {fields['min_version']}..{fields['max_version']}")
-        self.max_payload = max(64, min(MAX_PAYLOAD, fields["max_payload"]))
-        self.window = max(self.max_payload, fields["window"] or DEFAULT_WINDOW)
+        if fields["max_payload"] < MIN_PAYLOAD or 0 < fields["window"] < MIN_WINDOW:
+            self.ready = False
+            return self.error(ErrorCode.BAD_PAYLOAD, f"HELLO offers max_payload {fields['max_payload']} (at least "
+                              f"{MIN_PAYLOAD}) and window {fields['window']} (0 for {DEFAULT_WINDOW}, else at least "
+                              f"{MIN_WINDOW})")
+        self.max_payload = min(MAX_PAYLOAD, fields["max_payload"])
+        self.window = fields["window"] or DEFAULT_WINDOW    # smaller than a payload: smaller CHUNKs
         self.ready = True
         log.info("%s: HELLO from %r, version %d, max_payload %d, window %d", self.name, name, version,
                  self.max_payload, self.window)

@@ -18,7 +18,10 @@ CRC = struct.Struct("<I")
 MAX_PAYLOAD = 1024                       # bytes; HELLO may agree on less, never more
 MAX_BODY = HEADER.size + MAX_PAYLOAD + CRC.size
 MAX_ENCODED = MAX_BODY + MAX_BODY // 254 + 1 + 1   # COBS overhead + the 0x00 delimiter
-DEFAULT_WINDOW = 4096                    # answer bytes the bridge may send before an ACK
+DEFAULT_WINDOW = 4096                    # answer bytes the bridge may send before an ACK (HELLO window 0)
+MIN_PAYLOAD = 64                         # smallest max_payload a HELLO may offer: DONE's 12-byte fixed part
+                                         # and an ERROR's code with a readable reason must fit
+MIN_WINDOW = 4                           # smallest window: one UTF-8 character; CHUNKs never split one
 
 
 class MsgType(IntEnum):

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from conftest import running_engine
 from jee1.edge.cli import main as jee1_cli
 from jee1.firmware_bridge.bridge import BridgeService
-from jee1.firmware_bridge.codec import Frame, cobs_encode, crc32, pack
+from jee1.firmware_bridge.codec import Frame, cobs_encode, crc32, pack, unpack
 from jee1.firmware_bridge.console import Console, response_for
 from jee1.firmware_bridge.protocol import HEADER, DoneFlags, DoneReason, ErrorCode, MsgType
 from jee1.firmware_bridge.transports import SocketTransport, UnixListener
@@ -696,3 +696,39 @@ def test_service_keys_are_per_device_and_the_fleet_key_answers_for_each(tmp_path
     bad = run("service-response", "--fleet-key", tmp_path / "fleet.key", "--serial", "../etc", "c0ffee")
     assert bad.returncode == 1 and "serial '../etc'" in bad.stderr
     assert run("service-response", "--fleet-key", tmp_path / "fleet.key", "c0ffee").returncode == 1
+
+
+@pytest.mark.parametrize("max_payload,window", [(48, 4096), (0, 4096), (16, 64), (1024, 2)])
+def test_a_hello_below_the_minimums_is_refused_clearly(serial_link, max_payload, window):
+    pty, _ = serial_link
+    client = UIClient(FdTransport(pty.master), window=window, max_payload=max_payload)
+    with pytest.raises(LinkError) as refused:
+        client.hello()
+    assert refused.value.code == ErrorCode.BAD_PAYLOAD and f"max_payload {max_payload}" in str(refused.value)
+    client.max_payload, client.window = 1024, 4096
+    assert client.hello()["max_payload"] == 1024                   # a proper HELLO then works
+
+
+@pytest.mark.parametrize("window", [64, 256, 1000])
+def test_a_window_smaller_than_a_payload_is_honoured(serial_link, window):
+    """No more than `window` answer bytes past the last ACK, in CHUNKs no bigger than the window."""
+    pty, _ = serial_link
+    client = UIClient(FdTransport(pty.master), window=window, max_payload=1024)
+    assert client.hello()["window"] == window
+    rid = client.query(QUESTION, max_tokens=120)
+    received, acked = 0, 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        frame = client._next_matching(lambda f: f.request_id == rid, 2.0)
+        assert frame is not None, "the bridge stalled"
+        fields, text = unpack(frame)
+        if frame.type == MsgType.DONE:
+            break
+        assert frame.type == MsgType.CHUNK
+        received = fields["offset"] + len(text.encode())
+        assert received - acked <= window and len(text.encode()) <= window
+        if received - acked >= window // 2:
+            acked = received
+            client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=acked)))
+    assert frame.type == MsgType.DONE and fields["total_bytes"] == received
+    client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=received)))
