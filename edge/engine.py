@@ -24,7 +24,7 @@ import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jee1.errors import Busy, InputError, Jee1Error  # noqa: F401  (Busy: part of the engine's face)
+from jee1.errors import Busy, InputError, Jee1Error, QuestionTooLong  # noqa: F401  (Busy: the engine's face)
 from jee1.gguf_info import read_gguf
 from jee1.llama_backend import TokenPieces, load_llama, supports_gpu_offload
 from jee1.procstat import status_bytes
@@ -42,6 +42,7 @@ from .speculative import ModelDraft, PromptLookupDraft, check_same_vocabulary
 log = logging.getLogger(__name__)
 
 LOOP_CHECK_EVERY = 16   # tokens between repetition-loop checks (the check scans the tail)
+MIN_ANSWER_TOKENS = 16  # context a question must leave for the answer, or it is refused at once
 # Streamed text is handed to the caller at most this often: a fast model would otherwise wake the
 # caller's thread on every token, and on a small CPU that wake-up competes with llama.cpp's own
 # threads (measured on the tiny model: -25% tokens/s).  A token after a quiet gap, like the first,
@@ -370,6 +371,8 @@ class Engine:
             raise Jee1Error("the engine is shut down")
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
+        if prompt is None:
+            self._check_fits(question)
         ans = self.settings["answer"]
         job = _Job(question, max_tokens or ans["max_tokens"], deadline_s or ans["deadline_s"],
                    ans["stop"] if stop is None else stop, prompt, prompt_special_tokens)
@@ -381,6 +384,17 @@ class Engine:
             self.audit.record("busy", request_id=job.id, question=self.audit.text(question))
             raise Busy(f"busy: {self._queue.maxsize} requests are already waiting") from None
         return Request(job)
+
+    def _check_fits(self, question: str) -> None:
+        """Refuse at once a question that cannot fit the context with the fixed prompt (a caller gets
+        QuestionTooLong, the UI link its own error code), rather than failing it in the worker."""
+        n_ctx = self.llama.n_ctx()
+        n = len(self._tokenize(self.layout.build(question), bos=True))
+        if n > n_ctx - MIN_ANSWER_TOKENS:
+            room = n_ctx - MIN_ANSWER_TOKENS - len(self.prefix_tokens)
+            raise QuestionTooLong(f"the question is too long: with the fixed prompt it is {n} tokens, the context "
+                                  f"holds {n_ctx} and keeps {MIN_ANSWER_TOKENS} for the answer; a question may be "
+                                  f"about {max(room, 0)} tokens (roughly {max(room, 0) * 4} characters of English)")
 
     def ask(self, question: str, **limits) -> Answer:
         return self.submit(question, **limits).result()

@@ -16,8 +16,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from jee1.errors import Busy
-from jee1.errors import InputError, Jee1Error
+from jee1.errors import Busy, InputError, Jee1Error, QuestionTooLong
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
 from .protocol import (ANSWER_BUFFER_BYTES, DEFAULT_WINDOW, HEARTBEAT_S, MAX_IN_FLIGHT, MAX_PAYLOAD,
@@ -212,6 +211,8 @@ class Session:
         except Busy as e:
             self.stats["busy"] += 1
             return self.error(ErrorCode.BUSY, str(e), rid)
+        except QuestionTooLong as e:
+            return self.error(ErrorCode.QUESTION_TOO_LONG, str(e), rid)
         except Jee1Error as e:  # an empty question, an engine shutting down
             return self.error(ErrorCode.BAD_PAYLOAD if isinstance(e, InputError) else ErrorCode.ENGINE_ERROR, str(e), rid)
         out = Outgoing(rid, request)

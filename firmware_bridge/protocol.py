@@ -73,6 +73,7 @@ class ErrorCode(IntEnum):
     NOT_READY = 12
     ANSWER_DROPPED = 13
     BAD_FRAMING = 14
+    QUESTION_TOO_LONG = 15   # it and the fixed prompt do not fit the model's context
 
 
 # Fixed part of each payload (struct format, field names); the rest of the payload, if the type

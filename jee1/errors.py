@@ -13,6 +13,10 @@ class InputError(Jee1Error):
     exit_code = 1
 
 
+class QuestionTooLong(InputError):
+    """The question and the fixed prompt do not fit the model's context."""
+
+
 class ResourceError(Jee1Error):
     """The environment cannot do the job: not enough disk space, llama.cpp refused."""
 

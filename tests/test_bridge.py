@@ -732,3 +732,18 @@ def test_a_window_smaller_than_a_payload_is_honoured(serial_link, window):
             client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=acked)))
     assert frame.type == MsgType.DONE and fields["total_bytes"] == received
     client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=received)))
+
+
+def test_a_question_that_cannot_fit_the_context_gets_its_own_error(serial_link):
+    """Under the 8192-byte link limit but over the model's context: QUESTION_TOO_LONG at once,
+    saying how long a question may be; the link carries on."""
+    pty, _ = serial_link
+    client = client_for(pty)
+    long_question = ("Which antibiotic treats community-acquired pneumonia in adults with asthma? " * 100)[:8000]
+    rid = client.query(long_question)
+    deadline = time.monotonic() + 30
+    while not any(r == rid for r, _, _ in client.errors) and time.monotonic() < deadline:
+        client._next_matching(lambda f: False, 0.2)
+    errors = [(code, text) for r, code, text in client.errors if r == rid]
+    assert errors and errors[0][0] == ErrorCode.QUESTION_TOO_LONG and "a question may be about" in errors[0][1]
+    assert client.ask(QUESTION).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)

@@ -104,7 +104,11 @@ def test_red_flag_short_circuits_without_the_model(engine):
 
 
 def test_a_failing_request_leaves_the_engine_ready(engine):
-    failed = engine.ask("aspirin " * 600)             # longer than the context
+    from jee1.errors import QuestionTooLong
+
+    with pytest.raises(QuestionTooLong, match="a question may be about"):
+        engine.ask("aspirin " * 600)                  # refused at once: it cannot fit the context
+    failed = engine.ask("aspirin", prompt="aspirin " * 600)   # a complete prompt fails in the worker
     assert failed.finish_reason == "error" and "too long" in failed.error
     assert engine.ask(QUESTION).completion_tokens == 64
     records = [json.loads(line) for line in engine.audit.path.read_text().splitlines()]
