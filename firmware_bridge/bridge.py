@@ -43,6 +43,9 @@ def done_flags(answer) -> DoneFlags:
     return flags
 
 
+DELIVERED_REMEMBERED = 64   # request ids whose repeated final ACK is still recognised
+
+
 @dataclass
 class Outgoing:
     request_id: int
@@ -69,6 +72,7 @@ class Session:
         self.window = DEFAULT_WINDOW
         self.answers: OrderedDict[int, Outgoing] = OrderedDict()
         self.dropped: set[int] = set()
+        self.delivered: OrderedDict[int, int] = OrderedDict()   # recent fully acknowledged answers: total bytes
         self.questions: OrderedDict[int, tuple[bytearray, int, float]] = OrderedDict()   # unfinished fragments
         self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
                       "answers_dropped": 0, "errors": 0, "ui_errors": 0}
@@ -286,6 +290,8 @@ class Session:
             self.pump(out)
 
     def _ack(self, frame: Frame, fields: dict, text: str) -> None:
+        if frame.request_id not in self.answers and self.delivered.get(frame.request_id) == fields["offset"]:
+            return      # the final ACK of the total after DONE, when a chunk's ACK already carried it
         out = self._lookup(frame.request_id)
         if out is None:
             return
@@ -293,6 +299,9 @@ class Session:
             out.acked = max(out.acked, min(fields["offset"], out.sent))
             if out.done_sent and out.acked == len(out.data):
                 del self.answers[out.request_id]   # delivered: nothing more to keep
+                self.delivered[out.request_id] = len(out.data)
+                while len(self.delivered) > DELIVERED_REMEMBERED:
+                    self.delivered.popitem(last=False)
             else:
                 self.pump(out)
 

@@ -747,3 +747,19 @@ def test_a_question_that_cannot_fit_the_context_gets_its_own_error(serial_link):
     errors = [(code, text) for r, code, text in client.errors if r == rid]
     assert errors and errors[0][0] == ErrorCode.QUESTION_TOO_LONG and "a question may be about" in errors[0][1]
     assert client.ask(QUESTION).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
+
+
+def test_the_final_ack_after_done_is_accepted_even_when_a_chunk_ack_carried_the_total(serial_link):
+    """docs/protocol.md §5.4: ACK(total) after DONE; a UI that already acked the total gets no error."""
+    pty, _ = serial_link
+    client = client_for(pty)
+    rid = client.query(QUESTION)
+    reply = client.receive(rid)               # acks as it goes, then the total after DONE
+    total = len(reply.text.encode())
+    for _ in range(2):                        # the total again, twice: still no error
+        client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=total)))
+    client.status()                           # a round trip: any ERROR would have arrived before it
+    assert [e for e in client.errors if e[0] == rid] == []
+    client.send(Frame(MsgType.ACK, 999, pack(MsgType.ACK, offset=5)))    # an unknown request still is one
+    client.status()
+    assert any(r == 999 and code == ErrorCode.UNKNOWN_REQUEST for r, code, _ in client.errors)
