@@ -453,6 +453,7 @@ class Engine:
         limit = min(job.max_tokens, budget)
         reason, truncated_by, ttft, count = "complete", None, None, 0
         pending, last_flush = "", 0.0
+        sent_chars, sent_tokens = 0, 0      # what the caller has been handed (a cancel keeps just that)
         for token in self.llama.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
             now = time.monotonic()
             if ttft is None:
@@ -464,6 +465,7 @@ class Engine:
             pending += stream.feed(self._piece(token))
             if pending and now - last_flush >= STREAM_FLUSH_S:
                 job.events.put(("text", pending))
+                sent_chars, sent_tokens = sent_chars + len(pending), count
                 pending, last_flush = "", now
             if stream.stopped:
                 break
@@ -483,6 +485,9 @@ class Engine:
             job.events.put(("text", pending))
         body = stream.text
         if reason == "cancelled":
+            # the answer is what was sent: text generated after the last hand-over is dropped, and
+            # the token count is that of the text sent (DONE's count on the UI link)
+            body, count = body[:sent_chars], sent_tokens
             text, replaced = body, False
         else:
             text, replaced = self.policy.finish(body, truncated=reason == "truncated")

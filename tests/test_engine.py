@@ -52,8 +52,9 @@ def test_deadline_truncates(engine):
 
 def test_cancel_mid_stream_then_answer_again(engine):
     request = engine.submit(QUESTION, max_tokens=900, deadline_s=60)
-    seen = 0
-    for _ in request:
+    seen, texts = 0, []
+    for text in request:
+        texts.append(text)
         seen += 1
         if seen == 3:
             at_cancel = request._job.generated
@@ -61,6 +62,9 @@ def test_cancel_mid_stream_then_answer_again(engine):
     answer = request.answer
     assert answer.finish_reason == "cancelled"
     assert answer.completion_tokens - at_cancel <= 1  # takes effect within one token
+    streamed = "".join(texts)
+    assert answer.text == answer.body == streamed     # a cancelled answer is exactly what was sent
+    assert answer.completion_tokens <= request._job.generated
     again = engine.ask(QUESTION)
     assert again.finish_reason == "truncated" and again.completion_tokens == 64
 
