@@ -763,3 +763,21 @@ def test_the_final_ack_after_done_is_accepted_even_when_a_chunk_ack_carried_the_
     client.send(Frame(MsgType.ACK, 999, pack(MsgType.ACK, offset=5)))    # an unknown request still is one
     client.status()
     assert any(r == 999 and code == ErrorCode.UNKNOWN_REQUEST for r, code, _ in client.errors)
+
+
+def test_after_a_version_mismatch_only_ping_is_answered_until_a_hello_succeeds(serial_link):
+    """docs/protocol.md §5.1, §5.7 and the NOT_READY row say the same thing."""
+    pty, _ = serial_link
+    client = UIClient(FdTransport(pty.master))
+    with pytest.raises(LinkError) as refused:
+        client.hello(min_version=2, max_version=3)
+    assert refused.value.code == ErrorCode.VERSION_MISMATCH
+    client.send(Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=77)))
+    pong = client._next_matching(lambda f: f.type == MsgType.PONG, 5.0)
+    assert pong is not None and unpack(pong)[0]["nonce"] == 77
+    rid = client.query(QUESTION)
+    with pytest.raises(LinkError) as not_ready:
+        client.receive(rid, timeout=10)
+    assert not_ready.value.code == ErrorCode.NOT_READY
+    assert client.hello()["max_version"] >= 1                       # then a proper HELLO works
+    assert client.ask(QUESTION).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
