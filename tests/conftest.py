@@ -74,36 +74,33 @@ def engine(tmp_path_factory, q4_merged):
         yield eng
 
 
-@pytest.fixture
-def small_tmpfs(tmp_path):
-    """A real 4 MiB tmpfs to fill up; skipped with the reason where mounting needs root we lack."""
+@contextlib.contextmanager
+def tmpfs(mnt: Path, options: str):
+    """A real tmpfs mounted at ``mnt`` with ``options``; the test is skipped, saying why, where
+    mounting needs root we lack."""
     import subprocess
 
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    mnt.mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip(f"cannot mount a tmpfs ({options}) here (needs root)")
     try:
         yield mnt
     finally:
         subprocess.run(["umount", "-l", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real 4 MiB tmpfs to fill up."""
+    with tmpfs(tmp_path / "small", "size=4m") as mnt:
+        yield mnt
 
 
 @pytest.fixture
 def readonly_mount(tmp_path):
-    """A real read-only filesystem (tmpfs mounted ro); skipped where mounting needs root we lack."""
-    import subprocess
-
-    mnt = tmp_path / "readonly"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1g", "tmpfs", str(mnt)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
-    try:
+    """A real read-only filesystem (large enough that no disk-space check refuses first)."""
+    with tmpfs(tmp_path / "readonly", "ro,size=1g") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
 
 
 def fill_up(folder: Path) -> Path:

@@ -264,13 +264,9 @@ def test_input_digests_hashed_during_the_merge_are_each_files_sha256(f16_merged,
 
 def test_a_disk_that_fills_mid_write_is_exit_3_and_leaves_nothing(tmp_path, medium_base):
     """The disk-space check passes, then another writer fills the disk while the merge writes."""
-    from conftest import fill_up
+    from conftest import fill_up, tmpfs
 
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=400m", "tmpfs", str(mnt)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
+    with tmpfs(tmp_path / "disk", "size=400m") as mnt:
         proc = subprocess.Popen([BIN / "jee1-convert", medium_base, "-o", mnt / "m.gguf", "--quant", "Q4_K_M",
                                  "--threads", "1"], stderr=subprocess.PIPE, env=os.environ | {"COLUMNS": "100"})
         seen = b""
@@ -286,5 +282,3 @@ def test_a_disk_that_fills_mid_write_is_exit_3_and_leaves_nothing(tmp_path, medi
         errors = [line for line in err.splitlines() if "error:" in line]
         assert len(errors) == 1 and "no space left" in errors[0].lower() and str(mnt) in errors[0], err
         assert sorted(mnt.iterdir()) == [filler]
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=True)
