@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -147,14 +148,20 @@ def demo(ctx, workdir, question, as_json):
 
 # -- the engine commands ---------------------------------------------------------------------
 
-def _default(key: str):
-    """A setting's built-in value (edge/data/default_config.toml), for --help."""
+@functools.cache
+def _defaults() -> dict:
+    """edge/data/default_config.toml, read once per process (every engine option's --help quotes it)."""
     from jee1.datafiles import read_toml
 
     from .settings import DEFAULTS_FILE
 
+    return read_toml(DEFAULTS_FILE, "the default settings")
+
+
+def _default(key: str):
+    """A setting's built-in value, for --help."""
     section, name = key.split(".")
-    return read_toml(DEFAULTS_FILE, "the default settings")[section][name]
+    return _defaults()[section][name]
 
 
 def _setting_help(text: str, key: str) -> str:

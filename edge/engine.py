@@ -82,12 +82,10 @@ class Answer:
 
 
 class _Job:
-    def __init__(self, question: str, max_tokens: int, deadline_s: float, stop: list[str], prompt: str | None = None,
-                 prompt_special_tokens: bool = False):
+    def __init__(self, question: str, max_tokens: int, deadline_s: float, stop: list[str], tokens: list[int]):
         self.id = uuid.uuid4().hex[:12]
         self.question = question
-        self.prompt = prompt      # a complete prompt instead of the chat template (evaluation)
-        self.prompt_special_tokens = prompt_special_tokens   # its "<s>"/"</s>" are BOS/EOS tokens
+        self.tokens = tokens      # the whole prompt, tokenized once when the request was submitted
         self.max_tokens = max_tokens
         self.deadline_s = deadline_s
         self.stop = stop
@@ -207,10 +205,10 @@ class Engine:
         self.draft = self.draft_warm = None
         draft_checked = None
         try:
-            summary = read_gguf(self._load_path)
+            summary = read_gguf(self._load_path, full_arrays=settings["runtime"]["draft"] == "model")
             self.metadata = summary.metadata
             self.quant = _quant_name(summary)
-            draft_checked, draft_summary = self._open_draft(settings, cache_dir, progress)
+            draft_checked, draft_summary = self._open_draft(settings, cache_dir, progress, summary)
             self.plan, self.draft_plan = self._plan_gpu(summary, draft_summary)
             self._start(settings, summary, cache_dir, draft_checked, draft_summary)
         except BaseException:
@@ -224,7 +222,7 @@ class Engine:
                 if check is not None:
                     check.close()      # llama.cpp holds its own mapping of the file now
 
-    def _open_draft(self, settings: Settings, cache_dir: Path | None, progress):
+    def _open_draft(self, settings: Settings, cache_dir: Path | None, progress, summary):
         """The draft model's file, checked like the main model's, and its vocabulary against the target's."""
         rt, s_model = settings["runtime"], settings["model"]
         if rt["draft"] != "model":
@@ -244,7 +242,7 @@ class Engine:
         self.draft_sha256 = checked.sha256 if checked is not None else None
         try:
             draft_summary = read_gguf(self._draft_load_path, full_arrays=True)
-            target_tokens = read_gguf(self._load_path, full_arrays=True).metadata["tokenizer.ggml.tokens"]
+            target_tokens = summary.metadata["tokenizer.ggml.tokens"]
             check_same_vocabulary(target_tokens, draft_summary.metadata.get("tokenizer.ggml.tokens", []), path.name)
         except BaseException:
             if checked is not None:
@@ -371,11 +369,12 @@ class Engine:
             raise Jee1Error("the engine is shut down")
         if not isinstance(question, str) or not question.strip():
             raise InputError("the question is empty")
+        tokens = self._prompt_tokens(question, prompt, prompt_special_tokens)
         if prompt is None:
-            self._check_fits(question)
+            self._check_fits(len(tokens))
         ans = self.settings["answer"]
         job = _Job(question, max_tokens or ans["max_tokens"], deadline_s or ans["deadline_s"],
-                   ans["stop"] if stop is None else stop, prompt, prompt_special_tokens)
+                   ans["stop"] if stop is None else stop, tokens)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -385,11 +384,17 @@ class Engine:
             raise Busy(f"busy: {self._queue.maxsize} requests are already waiting") from None
         return Request(job)
 
-    def _check_fits(self, question: str) -> None:
+    def _prompt_tokens(self, question: str, prompt: str | None, special: bool) -> list[int]:
+        """The chat-template prompt around ``question``, or a complete ``prompt`` (whose "<s>"/"</s>" are
+        the BOS/EOS tokens when ``special``), as tokens."""
+        text = prompt if prompt is not None else self.layout.build(question)
+        special = prompt is not None and special
+        return self._tokenize(text, bos=not (special and text.startswith("<s>")), special=special)
+
+    def _check_fits(self, n: int) -> None:
         """Refuse at once a question that cannot fit the context with the fixed prompt (a caller gets
         QuestionTooLong, the UI link its own error code), rather than failing it in the worker."""
         n_ctx = self.llama.n_ctx()
-        n = len(self._tokenize(self.layout.build(question), bos=True))
         if n > n_ctx - MIN_ANSWER_TOKENS:
             room = n_ctx - MIN_ANSWER_TOKENS - len(self.prefix_tokens)
             raise QuestionTooLong(f"the question is too long: with the fixed prompt it is {n} tokens, the context "
@@ -436,9 +441,7 @@ class Engine:
         return answer
 
     def _generate(self, job: _Job, decision: Decision, started: float) -> Answer:
-        text = job.prompt if job.prompt is not None else self.layout.build(job.question)
-        special = job.prompt is not None and job.prompt_special_tokens
-        prompt = self._tokenize(text, bos=not (special and text.startswith("<s>")), special=special)
+        prompt = job.tokens
         budget = self.llama.n_ctx() - len(prompt)
         if budget < 1:
             raise InputError(f"the question is too long: {len(prompt)} prompt tokens, context is {self.llama.n_ctx()}")
