@@ -282,3 +282,36 @@ def test_a_disk_that_fills_mid_write_is_exit_3_and_leaves_nothing(tmp_path, medi
         errors = [line for line in err.splitlines() if "error:" in line]
         assert len(errors) == 1 and "no space left" in errors[0].lower() and str(mnt) in errors[0], err
         assert sorted(mnt.iterdir()) == [filler]
+
+
+def test_a_file_with_the_old_general_jee1_keys_still_loads_and_inspects(tmp_path, f16_merged):
+    """Files written before our keys moved to jee1.*: same tensors, old key names."""
+    import gguf
+    import numpy as np
+
+    from jee1.gguf_info import read_gguf
+    from jee1.llama_backend import vocab_token_count
+
+    reader = gguf.GGUFReader(f16_merged.output)
+    old = tmp_path / "old.gguf"
+    writer = gguf.GGUFWriter(old, arch="llama")
+    for field in reader.fields.values():
+        name = field.name
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(name.replace("jee1.", "general.jee1.", 1) if name.startswith("jee1.") else name,
+                             value, vtype, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor(t.name, np.array(t.data), raw_shape=list(reversed(t.shape.tolist())), raw_dtype=t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    meta = read_gguf(old).metadata
+    assert meta["general.jee1.template"] == "medalpaca" and "jee1.template" not in meta
+    assert vocab_token_count(old) == 512
+    result = CliRunner().invoke(jee1_cli, ["inspect", str(old)])
+    assert result.exit_code == 0 and "general.jee1.template" in result.output
