@@ -36,6 +36,7 @@ class TinySpec:
     shards: int = 3
     seed: int = 0
     output_gain: float = 4.0        # lm_head scale: spreads the logits, so the argmax is stable
+    stuck_token: int | None = None  # a broken model that outputs this token forever (tests of loop replacement)
 
     def config(self) -> dict:
         return {
@@ -107,6 +108,15 @@ def _weights(spec: TinySpec) -> dict[str, np.ndarray]:
             gain = spec.output_gain if s.hf_name == "lm_head.weight" else 1.0
             w = rng.standard_normal(s.shape, dtype=np.float32) * np.float32(gain / math.sqrt(s.shape[1]))
         weights[s.hf_name] = w.astype(np.float16)
+    if spec.stuck_token is not None:
+        # the layers add nothing, every embedding shares one large component, and only the stuck
+        # token's output row reads it: whatever the input, that token wins
+        for name in weights:
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                weights[name][:] = 0
+        weights["model.embed_tokens.weight"][:, 0] = 8
+        weights["lm_head.weight"][:] = 0
+        weights["lm_head.weight"][spec.stuck_token, 0] = spec.output_gain
     return weights
 
 

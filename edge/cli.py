@@ -367,13 +367,16 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
                 for key, value in status.items():
                     click.echo(f"{key:<28} {value}")
             return
-        reply = client.ask(question, max_tokens, on_text=None if as_json else (lambda t: click.echo(t, nl=False)))
+        echo = None if as_json else (lambda t: click.echo(t, nl=False))
+        withdrawn = None if as_json else (lambda: click.echo("\n[the text above is withdrawn; replaced by:]\n", nl=False))
+        reply = client.ask(question, max_tokens, on_text=echo, on_restart=withdrawn)
     except (TransportClosed, LinkError, TimeoutError) as e:
         click.echo(f"jee1: error: {e}", err=True)
         sys.exit(3)
     if as_json:
         click.echo(json.dumps({"text": reply.text, "reason": reply.reason.name.lower(), "tokens": reply.tokens,
-                               "replaced": reply.replaced, "safety_kind": reply.safety_kind, "resends": reply.resends,
+                               "replaced": reply.replaced, "discarded": reply.discarded, "safety_kind": reply.safety_kind,
+                               "resends": reply.resends,
                                "bad_frames": reply.bad_frames},
                               indent=2, ensure_ascii=False))
     else:

@@ -108,12 +108,20 @@ class Request:
         self._job.cancelled.set()
 
     def __iter__(self):
+        """The answer's text as it streams.  A replacement (``events``) follows what was already
+        shown after a blank line: a terminal cannot take text back."""
+        for kind, text in self.events():
+            yield text if kind == "text" else "\n\n" + text
+
+    def events(self):
+        """(kind, text) as the answer streams: ``text`` continues the answer; ``replace`` is the
+        replacement for everything streamed before it (looping or empty output), sent once, last."""
         while self.answer is None:
             kind, value = self._job.events.get()
-            if kind == "text":
-                yield value
-            else:
+            if kind == "done":
                 self.answer = value
+            else:
+                yield kind, value
 
     def result(self, timeout: float | None = None) -> Answer:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -494,8 +502,8 @@ class Engine:
             text, replaced = body, False
         else:
             text, replaced = self.policy.finish(body, truncated=reason == "truncated")
-            # the rest of the final text; a replaced answer is sent whole (Answer.replaced tells the UI)
-            job.events.put(("text", "\n\n" + text if replaced else text[len(body):]))
+            # the rest of the final text, or the replacement for all of it
+            job.events.put(("replace", text) if replaced else ("text", text[len(body):]))
         answer = Answer(job.id, text, body, reason, truncated_by, replaced, decision.as_json(), len(prompt), cached,
                         count, ttft_s=ttft, total_s=time.monotonic() - started, target_steps=max(count, 1))
         if drafted_before is not None:

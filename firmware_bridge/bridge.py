@@ -56,6 +56,8 @@ class Outgoing:
     done: dict | None = None          # DONE fields once the engine finished
     done_sent: bool = False
     finished_at: float = 0.0
+    restart_at: int | None = None     # offset where a replacement starts (CHUNK flag RESTART)
+    forgotten: bool = False           # dropped by a new HELLO or a closed link: nothing more is sent
 
 
 class Session:
@@ -96,15 +98,21 @@ class Session:
     def pump(self, out: Outgoing) -> None:
         """Send what the window allows of one answer, then DONE when all of it has gone out."""
         with self.lock:
+            if out.forgotten:
+                return
             limit = self.max_payload - 4
             while out.sent < len(out.data) and out.sent - out.acked < self.window:
                 end = min(len(out.data), out.sent + limit, out.acked + self.window)
                 while end < len(out.data) and (out.data[end] & 0xC0) == 0x80:
                     end -= 1  # never inside a UTF-8 character
+                if out.restart_at is not None and out.sent < out.restart_at < end:
+                    end = out.restart_at  # the replacement starts a CHUNK of its own
                 if end <= out.sent:
                     break
                 piece = bytes(out.data[out.sent:end])
-                self.send(Frame(MsgType.CHUNK, out.request_id, pack(MsgType.CHUNK, piece, offset=out.sent)))
+                flags = Flags.RESTART if out.sent == out.restart_at else Flags.NONE
+                self.send(Frame(MsgType.CHUNK, out.request_id, pack(MsgType.CHUNK, piece, offset=out.sent),
+                                flags=int(flags)))
                 out.sent = end
             if out.done is not None and not out.done_sent and out.sent == len(out.data):
                 self.send(Frame(MsgType.DONE, out.request_id, pack(MsgType.DONE, **out.done)))
@@ -171,7 +179,24 @@ class Session:
             return self.error(ErrorCode.UNKNOWN_TYPE, f"{mtype.name} is not sent to the bridge", frame.request_id)
         return handler(frame, fields, text)
 
+    def forget_requests(self) -> None:
+        """Start afresh (a HELLO, a closed link): cancel every request in flight and drop every answer
+        and unfinished question; nothing more is sent for any of them."""
+        with self.lock:
+            for out in self.answers.values():
+                out.forgotten = True
+                if out.request is not None and out.done is None:
+                    out.request.cancel()
+            self.answers.clear()
+            self.questions.clear()
+            self.dropped.clear()
+            self.delivered.clear()
+
     def _hello(self, fields: dict, name: str) -> None:
+        if self.answers or self.questions:
+            log.info("%s: HELLO: %d requests in flight and %d unfinished questions dropped", self.name,
+                     len(self.answers), len(self.questions))
+        self.forget_requests()      # every HELLO starts the conversation afresh (docs/protocol.md §5.1)
         version = min(PROTOCOL_VERSION, fields["max_version"])
         if version < max(MIN_VERSION, fields["min_version"]):
             self.ready = False
@@ -236,8 +261,10 @@ class Session:
 
     def _produce(self, out: Outgoing) -> None:
         try:
-            for text in out.request:
+            for kind, text in out.request.events():
                 with self.lock:
+                    if kind == "replace":
+                        out.restart_at = len(out.data)
                     out.data += text.encode()
                     self.pump(out)
             answer = out.request.answer
@@ -317,6 +344,7 @@ class Session:
     def run(self, stop: threading.Event) -> None:
         nonce = 0
         try:
+            self.transport.write(b"\x00")   # ends whatever noise the UI's receiver holds (§2)
             while not stop.is_set():
                 data = self.transport.read()
                 if data:
@@ -329,10 +357,7 @@ class Session:
                     self.send(Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=nonce)))
         finally:
             self.closed.set()
-            for out in list(self.answers.values()):
-                if out.request is not None and out.done is None:
-                    out.request.cancel()
-            self.questions.clear()   # a closed connection keeps nothing: its unfinished questions go
+            self.forget_requests()   # a closed connection keeps nothing
 
 
 def _close_quietly(closable) -> None:

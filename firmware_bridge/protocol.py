@@ -42,6 +42,7 @@ class MsgType(IntEnum):
 class Flags(IntFlag):
     NONE = 0
     MORE = 0x01          # the payload continues in the next frame of the same type and request
+    RESTART = 0x02       # CHUNK: the replacement starts here; the UI discards what it shows of the answer before
 
 
 class DoneReason(IntEnum):

@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from .codec import Decoder, Frame, FrameError, crc32, fragments, pack, unpack
-from .protocol import MAX_PAYLOAD, PROTOCOL_VERSION, DoneFlags, DoneReason, ErrorCode, MsgType
+from .protocol import MAX_PAYLOAD, PROTOCOL_VERSION, DoneFlags, DoneReason, ErrorCode, Flags, MsgType
 
 
 class LinkError(RuntimeError):
@@ -22,7 +22,7 @@ class LinkError(RuntimeError):
 
 @dataclass
 class Reply:
-    text: str
+    text: str                 # what the UI shows: from the RESTART chunk on, for a replaced answer
     reason: DoneReason
     tokens: int
     replaced: bool
@@ -31,6 +31,7 @@ class Reply:
     bad_frames: int = 0
     chunks: int = 0
     chunk_times: list[float] = field(default_factory=list)
+    discarded: str = ""       # streamed text the UI stopped showing when the replacement began
 
     @property
     def safety_kind(self) -> str | None:
@@ -101,12 +102,16 @@ class UIClient:
         self.send(Frame(MsgType.CANCEL, request_id))
 
     def ask(self, question: str, max_tokens: int = 0, on_text=None, timeout: float = 60.0,
-            silence_s: float = 1.0) -> Reply:
+            silence_s: float = 1.0, on_restart=None) -> Reply:
         rid = self.query(question, max_tokens)
-        return self.receive(rid, on_text, timeout, silence_s)
+        return self.receive(rid, on_text, timeout, silence_s, on_restart)
 
-    def receive(self, rid: int, on_text=None, timeout: float = 60.0, silence_s: float = 1.0) -> Reply:
+    def receive(self, rid: int, on_text=None, timeout: float = 60.0, silence_s: float = 1.0,
+                on_restart=None) -> Reply:
+        """The answer to ``rid``: ``on_text(new text)`` as it arrives, ``on_restart()`` when a replacement
+        begins (what was shown before it is to be taken off the screen)."""
         data = bytearray()
+        shown_from = 0            # offset of the RESTART chunk: the text shown starts there
         acked, resends, chunks, times = 0, 0, 0, []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -124,6 +129,10 @@ class UIClient:
                     self.send(Frame(MsgType.RESEND, rid, pack(MsgType.RESEND, offset=len(data))))
                     resends += 1
                 elif fields["offset"] + len(piece) > len(data):
+                    if frame.flags & Flags.RESTART and fields["offset"] == len(data):
+                        shown_from = fields["offset"]
+                        if on_restart:
+                            on_restart()
                     new = piece[len(data) - fields["offset"]:]
                     data += new
                     chunks += 1
@@ -138,14 +147,14 @@ class UIClient:
                     resend_from = len(data) if fields["total_bytes"] > len(data) else 0
                     if resend_from == 0:
                         data.clear()
-                        acked = 0
+                        acked = shown_from = 0
                     self.send(Frame(MsgType.RESEND, rid, pack(MsgType.RESEND, offset=resend_from)))
                     resends += 1
                     continue
                 self.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=len(data))))
-                return Reply(data.decode(), DoneReason(fields["reason"]), fields["tokens"],
+                return Reply(data[shown_from:].decode(), DoneReason(fields["reason"]), fields["tokens"],
                              bool(fields["flags"] & DoneFlags.REPLACED), resends, fields["flags"], self.bad_frames,
-                             chunks, times)
+                             chunks, times, data[:shown_from].decode())
         raise TimeoutError(f"request {rid}: no DONE within {timeout} s")
 
     def status(self, timeout: float = 5.0) -> dict:

@@ -45,6 +45,13 @@ def q4_merged(tmp_path_factory, tiny_base, tiny_adapter):
     return run_convert(tiny_base, tmp_path_factory.mktemp("q4") / "tiny.Q4_K_M.gguf", "Q4_K_M", tiny_adapter)
 
 
+@pytest.fixture(scope="session")
+def stuck_model(tmp_path_factory, tiny_tokenizer):
+    """A broken model that repeats one token ("ididid..."): its answers are looping, so replaced."""
+    base = build_checkpoint(tmp_path_factory.mktemp("stuck-base"), TinySpec(stuck_token=300), tokenizer=tiny_tokenizer)
+    return run_convert(base, tmp_path_factory.mktemp("stuck") / "stuck.Q4_K_M.gguf", "Q4_K_M").output
+
+
 def engine_settings(model_path: Path, workdir: Path, **sections):
     """Settings for an engine on ``model_path`` with cache and audit inside ``workdir``."""
     from jee1.edge.settings import Settings

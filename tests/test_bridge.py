@@ -2,14 +2,17 @@
 conversation, cancel, resend after corruption, bad frames, oversize, unplug/replug, a flood against
 the busy limit; and the technician console."""
 
+import contextlib
 import json
 import os
+import re
 import select
 import socket
 import stat
 import termios
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -19,7 +22,7 @@ from jee1.edge.cli import main as jee1_cli
 from jee1.firmware_bridge.bridge import BridgeService
 from jee1.firmware_bridge.codec import Frame, cobs_encode, crc32, pack, unpack
 from jee1.firmware_bridge.console import Console, response_for
-from jee1.firmware_bridge.protocol import HEADER, DoneFlags, DoneReason, ErrorCode, MsgType
+from jee1.firmware_bridge.protocol import HEADER, DoneFlags, DoneReason, ErrorCode, Flags, MsgType
 from jee1.firmware_bridge.transports import SocketTransport, UnixListener
 from jee1.firmware_bridge.ui_sim import LinkError, UIClient
 
@@ -75,23 +78,32 @@ class Pty:
         os.close(self.master)
 
 
-@pytest.fixture
-def serial_link(tmp_path, bridge_engine):
+@contextlib.contextmanager
+def serving_serial(tmp_path, engine):
+    """``jee1 serve``'s bridge on the slave side of a real pty; yields (pty, service)."""
     link = tmp_path / "ttyUI"
     pty = Pty(link)
     stop = threading.Event()
-    service = BridgeService(bridge_engine, stop)
+    service = BridgeService(engine, stop)
     service.start_serial(str(link), 115200)
     deadline = time.monotonic() + 10
     while not service.sessions and time.monotonic() < deadline:
         time.sleep(0.02)
-    yield pty, service
-    stop.set()
-    service.join()
     try:
-        pty.close()
-    except OSError:
-        pass
+        yield pty, service
+    finally:
+        stop.set()
+        service.join()
+        try:
+            pty.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def serial_link(tmp_path, bridge_engine):
+    with serving_serial(tmp_path, bridge_engine) as link:
+        yield link
 
 
 def client_for(pty, **kw):
@@ -499,8 +511,8 @@ class _FaultyEngine:
             class Broken:
                 answer = None
 
-                def __iter__(self):
-                    yield "partial "
+                def events(self):
+                    yield "text", "partial "
                     raise RuntimeError("injected: stream")
 
                 def cancel(self):
@@ -781,3 +793,113 @@ def test_after_a_version_mismatch_only_ping_is_answered_until_a_hello_succeeds(s
     assert not_ready.value.code == ErrorCode.NOT_READY
     assert client.hello()["max_version"] >= 1                       # then a proper HELLO works
     assert client.ask(QUESTION).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
+
+
+def _frames_until_done(client, rid, timeout=60.0):
+    """Every frame of ``rid`` up to and including its DONE, acknowledging nothing."""
+    frames, deadline = [], time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        frame = client._next_matching(lambda f: f.request_id == rid, 2.0)
+        assert frame is not None, "the bridge stalled"
+        frames.append(frame)
+        if frame.type == MsgType.DONE:
+            return frames
+    raise AssertionError("no DONE")
+
+
+def test_a_replaced_answer_says_where_the_replacement_starts(tmp_path, stuck_model):
+    """docs/protocol.md §5.3: the looping text streams, then the replacement in CHUNKs of its own, the
+    first flagged RESTART (again after a RESEND); a UI that follows the document shows the replacement
+    alone, and DONE's length and CRC cover every byte sent."""
+    with running_engine(tmp_path, stuck_model, answer={"max_tokens": 64}) as engine:
+        replacement = engine.policy.finish("", truncated=False)[0]
+        with serving_serial(tmp_path, engine) as (pty, _):
+            client = client_for(pty)
+            restarts = []
+            reply = client.ask(QUESTION, on_restart=lambda: restarts.append(1))
+            assert reply.replaced and restarts == [1]
+            assert reply.text == replacement and reply.discarded.startswith("idid")
+
+            rid = client.query(QUESTION)
+            for attempt in range(2):        # as sent, then all of it again after RESEND(0)
+                frames = _frames_until_done(client, rid)
+                chunks = [(unpack(f)[0]["offset"], unpack(f)[1].encode(), f.flags) for f in frames[:-1]]
+                data = b"".join(piece for _, piece, _ in chunks)
+                start = len(data) - len(replacement.encode())
+                assert data[start:].decode() == replacement and data[:start].decode().startswith("idid")
+                assert [offset for offset, _, flags in chunks if flags & Flags.RESTART] == [start]
+                assert all(offset >= start or offset + len(piece) <= start for offset, piece, _ in chunks)
+                done = unpack(frames[-1])[0]
+                assert done["flags"] & DoneFlags.REPLACED and done["total_bytes"] == len(data)
+                assert done["answer_crc32"] == crc32(data)
+                if attempt == 0:
+                    client.send(Frame(MsgType.RESEND, rid, pack(MsgType.RESEND, offset=0)))
+            client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=len(data))))
+
+
+def test_a_second_hello_starts_the_conversation_afresh(serial_link):
+    """§5.1: a UI that rebooted without the link closing says HELLO again; its old requests must not
+    hold the link's 8 in-flight places forever, and nothing more is sent for them."""
+    pty, _ = serial_link
+    client = UIClient(FdTransport(pty.master), window=16, max_payload=64)
+    client.hello()
+    stalled = []
+    for _ in range(8):      # each answer started and never acknowledged: stuck at the window
+        stalled.append(client.query(QUESTION, max_tokens=48))
+        assert client._next_matching(lambda f: f.request_id == stalled[-1] and f.type == MsgType.CHUNK, 30)
+    rid = client.query(QUESTION)
+    with pytest.raises(LinkError) as busy:
+        client.receive(rid, timeout=10)
+    assert busy.value.code == ErrorCode.BUSY
+    client.pending.clear()
+    client.window, client.max_payload = 4096, 1024
+    client.hello()
+    assert client.ask(QUESTION, max_tokens=8).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
+    client._next_matching(lambda f: False, 1.0)
+    assert not [f for f in client.pending if f.request_id in stalled]
+    client.send(Frame(MsgType.RESEND, stalled[0], pack(MsgType.RESEND, offset=0)))
+    client.status()
+    assert any(r == stalled[0] and code == ErrorCode.UNKNOWN_REQUEST for r, code, _ in client.errors)
+
+
+def test_the_bridge_starts_each_connection_with_a_delimiter(tmp_path, bridge_engine):
+    """§2: noise the UI's receiver holds must not swallow the bridge's first frame."""
+    path = tmp_path / "ui.sock"
+    stop = threading.Event()
+    service = BridgeService(bridge_engine, stop)
+    service.start_unix(str(path))
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(path))
+        sock.settimeout(10)
+        sock.sendall(b"\x00" + Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=5)).encode())
+        received = b""
+        while received.count(b"\x00") < 2:
+            received += sock.recv(4096)
+        assert received[0] == 0 and received[1:] == Frame(MsgType.PONG, 0, pack(MsgType.PONG, nonce=5)).encode()
+        sock.close()
+    finally:
+        stop.set()
+        service.join()
+
+
+def test_more_on_a_type_that_does_not_use_it_is_ignored(serial_link):
+    """§5.2: only QUERY and STATUS use MORE; a PING with the bit set is still answered."""
+    pty, _ = serial_link
+    client = client_for(pty)
+    client.send(Frame(MsgType.PING, 0, pack(MsgType.PING, nonce=31), flags=int(Flags.MORE)))
+    pong = client._next_matching(lambda f: f.type == MsgType.PONG, 5.0)
+    assert pong is not None and unpack(pong)[0]["nonce"] == 31
+
+
+def test_the_status_json_is_what_the_protocol_document_lists(serial_link):
+    """§4.1: every key the bridge sends is in the document's table, and every key there is sent."""
+    pty, _ = serial_link
+    status = client_for(pty).status()
+    text = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    table = text[text.index("### 4.1 STATUS"):text.index("## 5. Conversation")]
+    documented = set()
+    for line in table.splitlines():
+        if line.startswith("| `"):
+            documented |= set(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
+    assert documented == set(status)

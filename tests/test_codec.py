@@ -245,3 +245,23 @@ def test_protocol_doc_lists_exactly_the_error_codes():
 def test_protocol_doc_lists_exactly_the_done_flags():
     rows = _doc_table_rows("DONE reason")
     assert {(int(value, 16), name) for _, value, name, _ in rows} == {(int(f), f.name) for f in DoneFlags}
+
+
+def test_protocol_doc_worked_examples_are_the_codecs_frames():
+    """§6 of docs/protocol.md is generated from the codec's golden frames; a hand edit or a codec
+    change shows here (regenerate: python -m jee1.firmware_bridge.vectors --doc docs/protocol.md)."""
+    from jee1.firmware_bridge.vectors import DOC_END, DOC_START, render_doc
+
+    text = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text(encoding="utf-8")
+    assert text[text.index(DOC_START):text.index(DOC_END)] == render_doc()
+
+
+def test_a_body_ending_on_a_full_cobs_block_has_one_end_form_and_both_are_read(clib):
+    """§2: the sender ends such a body with the empty block 0x01; receivers accept it with or without."""
+    from jee1.firmware_bridge.vectors import examples
+
+    frame = dict(examples())["chunk_254_end"]
+    wire = frame.encode()
+    assert wire[-257] == 0xFF and wire[-2:] == b"\x01\x00" and 0 not in frame.body()[-254:]
+    for form in (wire, wire[:-2] + b"\x00"):
+        assert as_comparable(Decoder().feed(form)) == as_comparable([frame]) == c_decode(clib, form)

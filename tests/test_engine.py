@@ -7,7 +7,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import engine_settings
+from conftest import engine_settings, running_engine
 from jee1.edge.engine import _INVISIBLE, Busy, Engine, _Stream
 
 QUESTION = "Which enzyme does aspirin inhibit?"
@@ -266,3 +266,18 @@ def test_a_full_audit_disk_degrades_the_log_but_never_the_answers(tmp_path, smal
         assert not eng.status()["audit_degraded"]
         lost = eng.status()["audit_lost_records"]
     assert '"event": "engine_stop"' in (small_tmpfs / "audit.jsonl").read_text() and lost >= 2
+
+
+def test_a_looping_answer_streams_then_is_replaced_as_its_own_event(tmp_path, stuck_model):
+    """The looping text streams as it comes (holding it back would cost minutes at 3 tokens/s);
+    the replacement then arrives as one 'replace' event, and the answer's text is the replacement alone."""
+    with running_engine(tmp_path, stuck_model, answer={"max_tokens": 64}) as engine:
+        request = engine.submit("What is the antidote for heparin?")
+        events = list(request.events())
+        answer = request.answer
+        assert answer.replaced and answer.body.startswith("idid")
+        assert [kind for kind, _ in events][-1] == "replace" and {kind for kind, _ in events[:-1]} == {"text"}
+        assert "".join(text for _, text in events[:-1]) == answer.body
+        assert events[-1][1] == answer.text and answer.text.startswith(engine.policy.could_not_answer)
+        terminal = "".join(engine.submit("What is the antidote for heparin?"))   # a terminal shows both
+        assert terminal == answer.body + "\n\n" + answer.text
