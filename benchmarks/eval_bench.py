@@ -53,7 +53,7 @@ def main() -> int:
         model = convert(ConvertOptions(base_dir=build_checkpoint(work / "base", TinySpec()),
                                        adapter_dir=build_adapter(work / "ad", TinySpec(), AdapterSpec()),
                                        output=work / "tiny.Q4_K_M.gguf", quant=quant_type("Q4_K_M"), quiet=True)).output
-        settings = Settings.load(overrides={"model": {"path": str(model)}, "cache": {"dir": str(work / "c")},
+        settings = Settings.load(overrides={"model": {"path": str(model), "require_protected": False}, "cache": {"dir": str(work / "c")},
                                             "audit": {"path": str(work / "a.jsonl")},
                                             "runtime": {"n_ctx": 2048, "threads": 2}, "safety": {"pre_model": False}})
         items = synthetic_items(args.questions, 1)

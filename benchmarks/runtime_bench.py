@@ -74,7 +74,7 @@ def timed_stream(chunks) -> tuple[float, float, int]:
 
 def settings_for(model: Path, work: Path, threads: int, tokens: int, **answer) -> Settings:
     return Settings.load(overrides={
-        "model": {"path": str(model)}, "cache": {"dir": str(work / "cache"), "warm_prefix": answer.pop("warm", False)},
+        "model": {"path": str(model), "require_protected": False}, "cache": {"dir": str(work / "cache"), "warm_prefix": answer.pop("warm", False)},
         "audit": {"path": str(work / "audit.jsonl")},
         "runtime": {"n_ctx": 1024, "threads": threads, "batch": 512, "seed": 0},
         "answer": {"max_tokens": tokens, "stop": [], "deadline_s": 600.0, **answer}})

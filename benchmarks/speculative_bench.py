@@ -106,7 +106,7 @@ def batch_ratio(path: Path, threads: int, k: int, repeats: int = 24) -> float:
 
 def run_engine(target: Path, work: Path, threads: int, tokens: int, prompts: list[str], runtime: dict) -> dict:
     settings = Settings.load(overrides={
-        "model": {"path": str(target)}, "cache": {"dir": str(work / "cache")},
+        "model": {"path": str(target), "require_protected": False}, "cache": {"dir": str(work / "cache")},
         "audit": {"path": str(work / "audit.jsonl")}, "safety": {"pre_model": False},
         "runtime": {"threads": threads, "n_ctx": 1024, **runtime}})
     with Engine(settings) as engine:

@@ -196,6 +196,9 @@ def engine_options(f):
         click.option("--audit-log", type=click.Path(path_type=Path, dir_okay=False),
                      help=_setting_help("The audit log (JSON lines, rotated).", "audit.path")),
         click.option("--no-verify", is_flag=True, help="Skip the manifest check (development only; logged)."),
+        click.option("--allow-unprotected", is_flag=True,
+                     help="Load a model file that is not root-owned and read-only (development only; logged). "
+                          "Sets model.require_protected = false."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -204,7 +207,7 @@ def engine_options(f):
 
 def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv_type=None, batch=None,
                   flash_attn=None, mmap=None, mlock=None, cache_dir=None, audit_log=None, no_verify=False,
-                  pre_model_safety=None, **answer):
+                  allow_unprotected=False, pre_model_safety=None, **answer):
     from .settings import Settings
 
     over: dict = {"model": {}, "runtime": {}, "cache": {}, "audit": {}, "answer": {}, "safety": {}}
@@ -214,6 +217,8 @@ def load_settings(ctx, model=None, gpu_layers=None, n_ctx=None, threads=None, kv
         over["model"]["path"] = str(model)
     if no_verify:
         over["model"]["verify"] = False
+    if allow_unprotected:
+        over["model"]["require_protected"] = False
     if gpu_layers is not None:
         over["runtime"]["gpu_layers"] = int(gpu_layers) if gpu_layers.isdigit() else gpu_layers
     for key, value in (("n_ctx", n_ctx), ("threads", threads), ("kv_type", kv_type), ("batch", batch),

@@ -41,7 +41,9 @@ def write_dev_config(workdir: Path, model: Path) -> Path:
     text = (
         "# Development settings written by `jee1 demo`: every device command run with\n"
         f"# `--config {workdir}/jee1.toml` reads and writes only inside {root}.\n"
-        f'[model]\npath = "{model.resolve()}"\n\n'
+        f'[model]\npath = "{model.resolve()}"\n'
+        "# a development model in your own folder: not root-owned and read-only as on a device\n"
+        "require_protected = false\n\n"
         '[runtime]\nn_ctx = 512\nthreads = 2\n\n'
         '[answer]\nmax_tokens = 24\n\n'
         f'[cache]\ndir = "{root / "cache"}"\n\n'

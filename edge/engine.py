@@ -193,7 +193,10 @@ class Engine:
             checked = None
             try:
                 checked = check_model(self.model_path, [Path(k) for k in s_model["trusted_keys"]], cache_dir,
-                                      progress)
+                                      progress, s_model["require_protected"])
+                if not s_model["require_protected"]:
+                    log.warning("%s: model.require_protected is off: a write into the file after the check "
+                                "would reach the loaded weights (development only)", self.model_path)
                 self._check_version("model", self.model_path, checked)
             except (ModelRejected, InputError) as e:   # its own audit event, not only a message on stderr
                 if checked is not None:
@@ -239,7 +242,8 @@ class Engine:
         checked = None
         if s_model["verify"]:
             try:
-                checked = check_model(path, [Path(k) for k in s_model["trusted_keys"]], cache_dir, progress)
+                checked = check_model(path, [Path(k) for k in s_model["trusted_keys"]], cache_dir, progress,
+                                      s_model["require_protected"])
                 self._check_version("draft", path, checked)
             except (ModelRejected, InputError) as e:
                 if checked is not None:

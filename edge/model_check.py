@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -170,8 +171,20 @@ class VerifiedCache:
             log.warning("%s: cannot cache the verification result (%s)", self.path, e.strerror)
 
 
-def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, progress=None) -> CheckResult:
-    """Refuse (ModelRejected) unless model, manifest and signature agree."""
+def unprotected(st: os.stat_result) -> str | None:
+    """Why someone other than root could write the model file, or None.  A write into the file after
+    the check reaches the weights llama.cpp has memory-mapped, so only root may be able to write it."""
+    if st.st_uid != 0:
+        return f"it is owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"its group or other users may write it (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, progress=None,
+                require_protected: bool = False) -> CheckResult:
+    """Refuse (ModelRejected) unless model, manifest and signature agree (and, with
+    ``require_protected``, only root can write the model file)."""
     model = Path(model)
     mpath = manifest_path(model)
     if not model.is_file():
@@ -191,6 +204,11 @@ def check_model(model: Path, trusted_keys: list[Path], cache_dir: Path | None, p
         raise InputError(f"{model}: cannot open the model ({e.strerror})") from None
     try:
         before = os.fstat(f.fileno())
+        if require_protected and (problem := unprotected(before)):
+            raise ModelRejected(f"{model}: {problem}; whoever can write it could change the weights after the "
+                                f"check, while they are memory-mapped. Make it root-owned and read-only "
+                                f"(chown root:root, chmod 0444), or for development set "
+                                f"model.require_protected = false")
         if before.st_size != expected_size:
             raise ModelRejected(f"{model}: size {before.st_size} differs from the manifest's {expected_size}")
         cache = VerifiedCache(cache_dir)

@@ -279,7 +279,8 @@ class Console:
 
         s = self.engine.settings["model"]
         try:
-            result = check_model(self.engine.model_path, [Path(k) for k in s["trusted_keys"]], None)
+            result = check_model(self.engine.model_path, [Path(k) for k in s["trusted_keys"]], None,
+                                 require_protected=s["require_protected"])
             result.close()
             self.write(f"model OK: sha256 {result.sha256[:16]}... matches its manifest\n")
         except (ModelRejected, InputError) as e:

@@ -56,7 +56,8 @@ def engine_settings(model_path: Path, workdir: Path, **sections):
     """Settings for an engine on ``model_path`` with cache and audit inside ``workdir``."""
     from jee1.edge.settings import Settings
 
-    over = {"model": {"path": str(model_path)}, "runtime": {"threads": 2, "n_ctx": 1024},
+    over = {"model": {"path": str(model_path), "require_protected": False},   # tests run as any user
+            "runtime": {"threads": 2, "n_ctx": 1024},
             "cache": {"dir": str(workdir / "cache")}, "audit": {"path": str(workdir / "audit.jsonl")}}
     for section, values in sections.items():
         over.setdefault(section, {}).update(values)

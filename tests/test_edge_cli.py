@@ -23,7 +23,7 @@ def jee1(*args, **kw):
 @pytest.fixture
 def dirs(tmp_path, q4_merged):
     return ["--model", q4_merged.output, "--cache-dir", tmp_path / "cache", "--audit-log", tmp_path / "audit.jsonl",
-            "--ctx", "512", "--threads", "2"]
+            "--ctx", "512", "--threads", "2", "--allow-unprotected"]
 
 
 def test_ask_streams_an_answer_with_the_disclaimer(dirs):

@@ -3,6 +3,7 @@
 import base64
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -281,3 +282,25 @@ def test_the_draft_is_tracked_apart_from_the_model(releases, keys, tmp_path):
         pass
     ledger = json.loads((workdir / "cache" / "accepted-versions.json").read_text())
     assert ledger["model"]["version"] == 2 and ledger["draft"]["version"] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner to root or another user needs root")
+def test_only_a_root_owned_read_only_model_is_loaded_when_protection_is_required(model, tmp_path):
+    """llama.cpp maps the checked file; a write into it afterwards would change the weights in use.
+    With model.require_protected (the device default) only a file that nobody but root can write is
+    loaded; anything else is refused before hashing, and audited."""
+    protected = {"require_protected": True}
+    os.chown(model, 0, 0)
+    os.chmod(model, 0o444)
+    with Engine(engine_settings(model, tmp_path / "ok", model=protected, answer={"max_tokens": 2})) as eng:
+        assert eng.verified == "verified"
+    for owner, mode, reason in ((0, 0o664, "its group or other users may write it (mode 0664)"),
+                                (0, 0o646, "mode 0646"), (65534, 0o444, "owned by uid 65534, not root")):
+        os.chown(model, owner, 0)
+        os.chmod(model, mode)
+        with pytest.raises(ModelRejected, match=re.escape(reason)):
+            Engine(engine_settings(model, tmp_path / f"no{mode}", model=protected))
+        events = [json.loads(line) for line in (tmp_path / f"no{mode}" / "audit.jsonl").read_text().splitlines()]
+        assert events[-1]["event"] == "model_refused" and reason in events[-1]["reason"]
+    os.chown(model, 0, 0)
+    os.chmod(model, 0o644)
