@@ -408,7 +408,7 @@ class Engine:
         QuestionTooLong, the UI link its own error code), rather than failing it in the worker."""
         n_ctx = self.llama.n_ctx()
         if n > n_ctx - MIN_ANSWER_TOKENS:
-            room = n_ctx - MIN_ANSWER_TOKENS - len(self.prefix_tokens)
+            room = n_ctx - MIN_ANSWER_TOKENS - len(self._prompt_tokens("", None, False))   # the template around it
             raise QuestionTooLong(f"the question is too long: with the fixed prompt it is {n} tokens, the context "
                                   f"holds {n_ctx} and keeps {MIN_ANSWER_TOKENS} for the answer; a question may be "
                                   f"about {max(room, 0)} tokens (roughly {max(room, 0) * 4} characters of English)")

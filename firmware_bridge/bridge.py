@@ -43,7 +43,8 @@ def done_flags(answer) -> DoneFlags:
     return flags
 
 
-DELIVERED_REMEMBERED = 64   # request ids whose repeated final ACK is still recognised
+DELIVERED_REMEMBERED = 64   # request ids whose repeated final ACK (and RESEND of DONE) is still recognised
+ABANDONED_REMEMBERED = 64   # request ids whose dropped question's late fragments are refused
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Session:
         self.dropped: set[int] = set()
         self.delivered: OrderedDict[int, int] = OrderedDict()   # recent fully acknowledged answers: total bytes
         self.questions: OrderedDict[int, tuple[bytearray, int, float]] = OrderedDict()   # unfinished fragments
+        self.abandoned: OrderedDict[int, None] = OrderedDict()   # ids whose question was dropped part-way
         self.stats = {"frames_in": 0, "frames_out": 0, "bad_frames": 0, "queries": 0, "busy": 0, "resends": 0,
                       "answers_dropped": 0, "errors": 0, "ui_errors": 0}
         self.last_sent = time.monotonic()
@@ -136,6 +138,7 @@ class Session:
     # -- input ----------------------------------------------------------------------------------
 
     def handle_bytes(self, data: bytes) -> None:
+        self._expire_questions()
         for item in self.decoder.feed(data):
             if isinstance(item, FrameError):
                 self.stats["bad_frames"] += 1
@@ -189,6 +192,7 @@ class Session:
                     out.request.cancel()
             self.answers.clear()
             self.questions.clear()
+            self.abandoned.clear()
             self.dropped.clear()
             self.delivered.clear()
 
@@ -222,11 +226,14 @@ class Session:
             raise FrameError(ErrorCode.BAD_PAYLOAD, "QUERY needs a non-zero request_id")
         if rid in self.answers and rid not in self.questions:
             return self.error(ErrorCode.DUPLICATE_REQUEST, f"request {rid} is in flight", rid)
-        self._expire_questions(keep=rid)
+        if rid in self.abandoned:    # its late fragments must not pass for a question of their own
+            return self.error(ErrorCode.BAD_PAYLOAD, f"the question of request {rid} was dropped part-way; send it "
+                              f"again under a new request_id", rid)
+        self._expire_questions(new=rid if rid not in self.questions else None)
         buffer, _, _ = self.questions.setdefault(rid, (bytearray(), fields["max_tokens"], time.monotonic()))
         buffer += text.encode()
         if len(buffer) > MAX_QUESTION_BYTES:
-            del self.questions[rid]
+            self._abandon(rid)
             return self.error(ErrorCode.OVERSIZE, f"question over {MAX_QUESTION_BYTES} bytes", rid)
         if frame.flags & Flags.MORE:
             return None
@@ -249,15 +256,26 @@ class Session:
         self.dropped.discard(rid)
         threading.Thread(target=self._produce, args=(out,), name=f"bridge-{rid}", daemon=True).start()
 
-    def _expire_questions(self, keep: int) -> None:
-        """Unfinished fragmented questions are bounded: at most MAX_PARTIAL_QUESTIONS a connection, each
-        for at most PARTIAL_QUESTION_S; the oldest beyond that is dropped with an ERROR the UI sees."""
+    def _expire_questions(self, new: int | None = None) -> None:
+        """Unfinished fragmented questions are bounded: each is kept at most PARTIAL_QUESTION_S from its
+        first fragment (checked whenever bytes arrive, and on an idle link), and when a ``new`` one
+        starts beyond MAX_PARTIAL_QUESTIONS the oldest goes; either is dropped with an ERROR the UI sees."""
         now = time.monotonic()
         for rid, (_, _, started) in list(self.questions.items()):
-            too_many = len(self.questions) >= MAX_PARTIAL_QUESTIONS and rid not in (keep,)
-            if rid != keep and (now - started > PARTIAL_QUESTION_S or too_many):
-                del self.questions[rid]
-                self.error(ErrorCode.BAD_PAYLOAD, f"unfinished question {rid} dropped (too old or too many)", rid)
+            too_many = new is not None and len(self.questions) >= MAX_PARTIAL_QUESTIONS
+            if now - started > PARTIAL_QUESTION_S or too_many:
+                self._abandon(rid)
+                reason = "too old" if now - started > PARTIAL_QUESTION_S else "too many"
+                self.error(ErrorCode.BAD_PAYLOAD, f"unfinished question {rid} dropped ({reason})", rid)
+
+    def _abandon(self, rid: int) -> None:
+        """Drop an unfinished question; later fragments on its id are refused, never answered as a
+        question of their own (the last ABANDONED_REMEMBERED ids are remembered)."""
+        self.questions.pop(rid, None)
+        self.abandoned.pop(rid, None)
+        self.abandoned[rid] = None
+        while len(self.abandoned) > ABANDONED_REMEMBERED:
+            self.abandoned.popitem(last=False)
 
     def _produce(self, out: Outgoing) -> None:
         try:
@@ -303,6 +321,10 @@ class Session:
             out.request.cancel()
 
     def _resend(self, frame: Frame, fields: dict, text: str) -> None:
+        delivered = self.delivered.get(frame.request_id)
+        if frame.request_id not in self.answers and delivered and fields["offset"] >= delivered[0]:
+            # every byte was acknowledged, but the UI never saw DONE: send it again
+            return self.send(Frame(MsgType.DONE, frame.request_id, pack(MsgType.DONE, **delivered[1])))
         out = self._lookup(frame.request_id)
         if out is None:
             return
@@ -317,7 +339,8 @@ class Session:
             self.pump(out)
 
     def _ack(self, frame: Frame, fields: dict, text: str) -> None:
-        if frame.request_id not in self.answers and self.delivered.get(frame.request_id) == fields["offset"]:
+        delivered = self.delivered.get(frame.request_id)
+        if frame.request_id not in self.answers and delivered and delivered[0] == fields["offset"]:
             return      # the final ACK of the total after DONE, when a chunk's ACK already carried it
         out = self._lookup(frame.request_id)
         if out is None:
@@ -325,8 +348,8 @@ class Session:
         with self.lock:
             out.acked = max(out.acked, min(fields["offset"], out.sent))
             if out.done_sent and out.acked == len(out.data):
-                del self.answers[out.request_id]   # delivered: nothing more to keep
-                self.delivered[out.request_id] = len(out.data)
+                del self.answers[out.request_id]   # delivered: keep just its DONE, for a RESEND of a lost one
+                self.delivered[out.request_id] = (len(out.data), out.done)
                 while len(self.delivered) > DELIVERED_REMEMBERED:
                     self.delivered.popitem(last=False)
             else:
@@ -349,7 +372,9 @@ class Session:
                 data = self.transport.read()
                 if data:
                     self.handle_bytes(data)
-                elif time.monotonic() - self.last_sent > HEARTBEAT_S:
+                elif self.questions:
+                    self._expire_questions()
+                if not data and time.monotonic() - self.last_sent > HEARTBEAT_S:
                     if nonce and time.monotonic() - self.last_pong > 2 * HEARTBEAT_S:
                         log.warning("%s: no PONG for %.0f s: is the UI alive?", self.name,
                                     time.monotonic() - self.last_pong)

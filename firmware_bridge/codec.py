@@ -113,7 +113,7 @@ class Decoder:
     def _take(self, data: bytes) -> None:
         if self.overflow:
             return
-        if len(self.buffer) + len(data) > MAX_ENCODED:
+        if len(self.buffer) + len(data) > MAX_ENCODED - 1:     # MAX_ENCODED counts the delimiter
             self.overflow = True
             self.buffer.clear()
         else:

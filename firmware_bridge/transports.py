@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import socket
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import serial
 from jee1.errors import InputError
 
 READ_TIMEOUT_S = 0.05
+WRITE_TIMEOUT_S = 5.0     # a peer that takes no bytes for this long is gone
 
 
 class TransportClosed(ConnectionError):
@@ -30,7 +32,7 @@ class TransportClosed(ConnectionError):
 class SerialTransport:
     def __init__(self, url: str, baudrate: int = 115200):
         self.name = url
-        kwargs = {"baudrate": baudrate, "timeout": READ_TIMEOUT_S, "write_timeout": 5}
+        kwargs = {"baudrate": baudrate, "timeout": READ_TIMEOUT_S, "write_timeout": WRITE_TIMEOUT_S}
         if "://" not in url:
             kwargs["exclusive"] = True
         try:
@@ -61,14 +63,15 @@ class SocketTransport:
     def __init__(self, sock: socket.socket, name: str):
         self.sock = sock
         self.name = name
-        sock.settimeout(READ_TIMEOUT_S)
+        sock.settimeout(WRITE_TIMEOUT_S)   # a UI busy for a moment is waited for, as on the serial line
 
     def read(self) -> bytes:
         try:
+            ready, _, _ = select.select([self.sock], [], [], READ_TIMEOUT_S)
+            if not ready:
+                return b""
             data = self.sock.recv(4096)
-        except TimeoutError:
-            return b""
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise TransportClosed(f"{self.name}: {e}") from None
         if not data:
             raise TransportClosed(f"{self.name}: closed by the peer")

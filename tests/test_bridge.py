@@ -903,3 +903,94 @@ def test_the_status_json_is_what_the_protocol_document_lists(serial_link):
         if line.startswith("| `"):
             documented |= set(re.findall(r"`([a-z0-9_]+)`", line.split("|")[1]))
     assert documented == set(status)
+
+
+def _fragment(rid, text, more=True):
+    return Frame(MsgType.QUERY, rid, pack(MsgType.QUERY, text, max_tokens=0, reserved=0),
+                 flags=int(Flags.MORE) if more else 0)
+
+
+def _errors_for(client, rid, wait=1.0):
+    client._next_matching(lambda f: False, wait)
+    return [(code, text) for r, code, text in client.errors if r == rid]
+
+
+def test_an_unfinished_question_expires_on_an_idle_link_and_its_late_part_is_never_answered(serial_link,
+                                                                                           monkeypatch):
+    """§5.2: kept at most 30 s from its first fragment, whether or not anything else arrives; a
+    fragment that comes later is refused, not answered as a question of its own."""
+    import jee1.firmware_bridge.bridge as bridge_mod
+
+    monkeypatch.setattr(bridge_mod, "PARTIAL_QUESTION_S", 0.5)
+    pty, _ = serial_link
+    client = client_for(pty)
+    client.send(_fragment(41, "my chest hurts and "))
+    assert _errors_for(client, 41, wait=1.5) == [(ErrorCode.BAD_PAYLOAD, "unfinished question 41 dropped (too old)")]
+    client.send(_fragment(41, "what is the antidote for heparin?", more=False))
+    errors = _errors_for(client, 41)
+    assert len(errors) == 2 and "dropped part-way" in errors[1][1]
+    assert not [f for f in client.pending if f.request_id == 41 and f.type in (MsgType.CHUNK, MsgType.DONE)]
+    assert client.ask(QUESTION, max_tokens=4).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
+
+
+def test_a_further_fragment_of_a_kept_question_drops_nothing(serial_link):
+    """§5.2: the oldest goes only when a ninth question starts, not when one of the eight continues."""
+    pty, _ = serial_link
+    client = client_for(pty)
+    for rid in range(1, 9):
+        client.send(_fragment(rid, f"part one of question {rid}, "))
+    client.send(_fragment(5, "part two, "))
+    assert [e for e in client.errors] == [] and _errors_for(client, 1) == []
+    client.send(_fragment(9, "a ninth question, "))
+    assert _errors_for(client, 1) == [(ErrorCode.BAD_PAYLOAD, "unfinished question 1 dropped (too many)")]
+
+
+def test_the_rest_of_an_oversize_question_is_not_answered_as_a_new_one(serial_link):
+    pty, _ = serial_link
+    client = client_for(pty)
+    for _ in range(9):
+        client.send(_fragment(60, "x" * 1000))
+    client.send(_fragment(60, "so what is the dose?", more=False))
+    errors = _errors_for(client, 60)
+    assert errors[0][0] == ErrorCode.OVERSIZE and all(code == ErrorCode.BAD_PAYLOAD for code, _ in errors[1:])
+    assert not [f for f in client.pending if f.request_id == 60 and f.type in (MsgType.CHUNK, MsgType.DONE)]
+
+
+def test_a_lost_done_can_be_asked_for_again_after_every_byte_was_acknowledged(serial_link):
+    """§5.4-5.5: a UI that acknowledged the whole text from the chunks but lost DONE sends RESEND(total)
+    and gets DONE again, reason, flags and CRC included."""
+    pty, _ = serial_link
+    client = client_for(pty)
+    rid = client.query(QUESTION, max_tokens=12)
+    frames = _frames_until_done(client, rid)
+    data = b"".join(unpack(f)[1].encode() for f in frames[:-1])
+    done = unpack(frames[-1])[0]                   # treated as lost: the UI acknowledges only the text
+    client.send(Frame(MsgType.ACK, rid, pack(MsgType.ACK, offset=len(data))))
+    client.status()
+    client.send(Frame(MsgType.RESEND, rid, pack(MsgType.RESEND, offset=len(data))))
+    again = client._next_matching(lambda f: f.request_id == rid, 5.0)
+    assert again is not None and again.type == MsgType.DONE and unpack(again)[0] == done
+    assert [e for e in client.errors if e[0] == rid] == []
+
+
+def test_a_ui_that_stops_reading_for_a_moment_keeps_its_link(tmp_path, bridge_engine):
+    """A Unix-socket UI busy for a second (its buffer full of STATUS frames) is waited for, not dropped."""
+    path = tmp_path / "ui.sock"
+    stop = threading.Event()
+    service = BridgeService(bridge_engine, stop)
+    service.start_unix(str(path))
+    try:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(str(path))
+        client = UIClient(SocketTransport(sock, "slow"), max_payload=64)
+        client.hello()
+        for _ in range(40):                            # ~40 x 2 KB of STATUS frames, none read yet
+            client.send(Frame(MsgType.STATUS_REQUEST))
+        time.sleep(1.0)
+        for _ in range(40):
+            assert client.status(timeout=10)["link"]
+        assert client.ask(QUESTION, max_tokens=4).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
+    finally:
+        stop.set()
+        service.join()

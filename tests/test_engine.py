@@ -2,6 +2,7 @@
 
 import gc
 import json
+import re
 import time
 
 import numpy as np
@@ -281,3 +282,20 @@ def test_a_looping_answer_streams_then_is_replaced_as_its_own_event(tmp_path, st
         assert events[-1][1] == answer.text and answer.text.startswith(engine.policy.could_not_answer)
         terminal = "".join(engine.submit("What is the antidote for heparin?"))   # a terminal shows both
         assert terminal == answer.body + "\n\n" + answer.text
+
+
+def test_the_question_too_long_refusal_names_the_length_that_actually_fits(engine):
+    """The figure in the refusal is what a question may be: the template around it counted, so a
+    question of that many tokens fits and one a few tokens longer does not."""
+    from jee1.errors import QuestionTooLong
+
+    with pytest.raises(QuestionTooLong) as refused:
+        engine.submit("dose " * 5000)
+    allowed = int(re.search(r"a question may be about (\d+) tokens", str(refused.value)).group(1))
+    lo, hi = 1, 4 * allowed                 # the most repetitions whose prompt still fits
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if len(engine._prompt_tokens("dose " * mid, None, False)) <= engine.llama.n_ctx() - 16 \
+            else (lo, mid - 1)
+    longest = len(engine._tokenize("dose " * lo, bos=False))
+    assert abs(longest - allowed) <= 2, (longest, allowed)

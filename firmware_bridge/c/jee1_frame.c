@@ -197,7 +197,7 @@ int jf_decoder_push(jf_decoder *d, uint8_t byte, jf_frame *out)
     if (byte != 0) {
         if (d->overflow)
             return 0;
-        if (d->len >= sizeof d->buf) {
+        if (d->len >= sizeof d->buf - 1) {   /* JF_MAX_ENCODED counts the delimiter */
             d->overflow = 1;
             return 0;
         }
