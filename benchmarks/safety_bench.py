@@ -3,7 +3,11 @@ and crises and false triggers on ordinary messages, each with its 95% Wilson int
 per category; every miss, wrong kind and false trigger by name; median and p99 time per message
 against a baseline in the same run (reading the message alone, without the rules).
 
-    python benchmarks/safety_bench.py [--split dev --split heldout ...] [--rules FILE] [--json]
+    python benchmarks/safety_bench.py [--split dev --split heldout ...] [--rules FILE] [--json] [--show-held-out]
+
+The lines of a held-out split (splits.json "held_out") are never printed unless --show-held-out is
+given: whoever changes the screen must not read them (docs/safety.md), and a run over every split
+once put two held-out splits' misses on the rule writer's screen.
 
 Targets (docs/safety.md): recall 100% on dev and >= 99% held-out, false triggers <= 2% on each,
 median < 1 ms per message.
@@ -26,6 +30,13 @@ ROLES = json.loads((CORPUS / "splits.json").read_text())
 MARK = {**{s: "" for s in ROLES["dev"]}, **{s: "+" for s in ROLES["spent"]}, **{s: "*" for s in ROLES["held_out"]}}
 
 
+HELD_OUT_LINES = ("misses", "wrong_kind", "false_trigger_lines")
+
+
+def count(lines) -> int:
+    return lines if isinstance(lines, int) else len(lines)
+
+
 def pct(x: float) -> str:
     return f"{100 * x:5.1f}%"
 
@@ -44,6 +55,8 @@ def main() -> None:
     ap.add_argument("--split", action="append", choices=SPLITS, help="default: all")
     ap.add_argument("--rules", help="rules file (default: the shipped rules)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--show-held-out", action="store_true",
+                    help="also print the misses and false triggers of held-out splits (not for the rule writer)")
     args = ap.parse_args()
     policy = SafetyPolicy.load(args.rules)
     report = {"rules_version": policy.version, "splits": {}}
@@ -53,6 +66,9 @@ def main() -> None:
         fig = measure(policy, examples).as_json()
         policy.reader.correct.cache_clear()
         fig["reading_only_median_ms"] = reading_only_ms(policy, [e.text for e in examples])
+        if split in ROLES["held_out"] and not args.show_held_out:
+            for key in HELD_OUT_LINES:
+                fig[key] = len(fig[key])          # counts only: the lines stay unread
         report["splits"][split] = fig
     if args.json:
         print(json.dumps(report, indent=2))
@@ -63,7 +79,7 @@ def main() -> None:
     for split, f in report["splits"].items():
         print(f"{split + MARK.get(split, '?'):<9} {pct(f['recall']):>7} {pct(f['recall_ci95'][0])}-{pct(f['recall_ci95'][1]).strip():>7} "
               f"{f['false_triggers']:>3}/{f['ordinary']:<3} {pct(f['false_trigger_rate'])} "
-              f"{pct(f['false_trigger_ci95'][0])}-{pct(f['false_trigger_ci95'][1]).strip():>7} {len(f['wrong_kind']):>10} "
+              f"{pct(f['false_trigger_ci95'][0])}-{pct(f['false_trigger_ci95'][1]).strip():>7} {count(f['wrong_kind']):>10} "
               f"{f['median_ms']:>9.3f} {f['p99_ms']:>7.3f} {f['reading_only_median_ms']:>12.3f}")
         print(f"          caught {f['caught']}/{f['emergencies']}")
     print("+ spent: held out, measured first, then changed for (no longer evidence)   "
@@ -72,6 +88,9 @@ def main() -> None:
         print(f"\n== {split}: per category (caught/emergencies, false triggers/ordinary)")
         for cat, c in f["by_category"].items():
             print(f"  {cat:<16} {c['caught']:>3}/{c['emergencies']:<3}  {c['false_triggers']:>2}/{c['ordinary']}")
+        if isinstance(f["misses"], int):
+            print("  (held out: misses and false triggers not shown; --show-held-out prints them)")
+            continue
         for m in f["misses"]:
             print(f"  MISS  [{m['category']}] {m['text']}")
         for w in f["wrong_kind"]:
