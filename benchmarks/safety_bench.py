@@ -5,8 +5,8 @@ against a baseline in the same run (reading the message alone, without the rules
 
     python benchmarks/safety_bench.py [--split dev --split heldout ...] [--rules FILE] [--json] [--show-held-out]
 
-The lines of a held-out split (splits.json "held_out") are never printed unless --show-held-out is
-given: whoever changes the screen must not read them (docs/safety.md), and a run over every split
+The lines of a held-out split (any split splits.json does not list as dev or spent) are never
+printed unless --show-held-out is given: whoever changes the screen must not read them (docs/safety.md), and a run over every split
 once put two held-out splits' misses on the rule writer's screen.
 
 Targets (docs/safety.md): recall 100% on dev and >= 99% held-out, false triggers <= 2% on each,
@@ -66,7 +66,7 @@ def main() -> None:
         fig = measure(policy, examples).as_json()
         policy.reader.correct.cache_clear()
         fig["reading_only_median_ms"] = reading_only_ms(policy, [e.text for e in examples])
-        if split in ROLES["held_out"] and not args.show_held_out:
+        if split not in ROLES["dev"] + ROLES["spent"] and not args.show_held_out:   # held out, or not yet listed
             for key in HELD_OUT_LINES:
                 fig[key] = len(fig[key])          # counts only: the lines stay unread
         report["splits"][split] = fig

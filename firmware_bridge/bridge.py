@@ -150,17 +150,26 @@ class Session:
                 self.handle(item)
             except FrameError as e:
                 self.stats["bad_frames"] += 1
+                if item.type == MsgType.QUERY and e.request_id in self.questions:
+                    self._abandon(e.request_id)   # a question with a part missing is never answered
                 self.error(e.code, str(e), e.request_id)
             except TransportClosed:
                 raise
             except Exception as e:   # a bug handling one frame must not end the link
                 log.exception("%s: handling %s failed", self.name, item.type)
                 self.stats["errors"] += 1
-                self.questions.pop(item.request_id, None)
-                self.error(ErrorCode.ENGINE_ERROR, f"internal error ({type(e).__name__})", item.request_id)
+                if item.type == MsgType.QUERY and item.request_id in self.questions:
+                    self._abandon(item.request_id)
+                self._fail(item.request_id if item.type == MsgType.QUERY else 0, f"internal error ({type(e).__name__})")
 
     def handle(self, frame: Frame) -> None:
-        fields, text = unpack(frame)
+        try:
+            fields, text = unpack(frame)
+        except FrameError:
+            if frame.type == MsgType.HELLO:   # a HELLO that fails, however it fails: afresh and not ready
+                self.forget_requests()
+                self.ready = False
+            raise
         mtype = MsgType(frame.type)
         if mtype == MsgType.HELLO:
             return self._hello(fields, text)
@@ -226,10 +235,10 @@ class Session:
             raise FrameError(ErrorCode.BAD_PAYLOAD, "QUERY needs a non-zero request_id")
         if rid in self.answers and rid not in self.questions:
             return self.error(ErrorCode.DUPLICATE_REQUEST, f"request {rid} is in flight", rid)
+        self._expire_questions(new=rid if rid not in self.questions and frame.flags & Flags.MORE else None)
         if rid in self.abandoned:    # its late fragments must not pass for a question of their own
             return self.error(ErrorCode.BAD_PAYLOAD, f"the question of request {rid} was dropped part-way; send it "
                               f"again under a new request_id", rid)
-        self._expire_questions(new=rid if rid not in self.questions else None)
         buffer, _, _ = self.questions.setdefault(rid, (bytearray(), fields["max_tokens"], time.monotonic()))
         buffer += text.encode()
         if len(buffer) > MAX_QUESTION_BYTES:
@@ -238,7 +247,8 @@ class Session:
         if frame.flags & Flags.MORE:
             return None
         del self.questions[rid]
-        in_flight = sum(1 for o in self.answers.values() if not o.done_sent)
+        with self.lock:
+            in_flight = sum(1 for o in self.answers.values() if not o.done_sent)
         if in_flight >= MAX_IN_FLIGHT:
             return self.error(ErrorCode.BUSY, f"{MAX_IN_FLIGHT} requests already in flight on this link", rid)
         self.stats["queries"] += 1
@@ -249,11 +259,14 @@ class Session:
             return self.error(ErrorCode.BUSY, str(e), rid)
         except QuestionTooLong as e:
             return self.error(ErrorCode.QUESTION_TOO_LONG, str(e), rid)
-        except Jee1Error as e:  # an empty question, an engine shutting down
-            return self.error(ErrorCode.BAD_PAYLOAD if isinstance(e, InputError) else ErrorCode.ENGINE_ERROR, str(e), rid)
+        except InputError as e:  # an empty question
+            return self.error(ErrorCode.BAD_PAYLOAD, str(e), rid)
+        except Jee1Error as e:   # an engine shutting down
+            return self._fail(rid, str(e))
         out = Outgoing(rid, request)
-        self.answers[rid] = out
-        self.dropped.discard(rid)
+        with self.lock:
+            self.answers[rid] = out
+            self.dropped.discard(rid)
         threading.Thread(target=self._produce, args=(out,), name=f"bridge-{rid}", daemon=True).start()
 
     def _expire_questions(self, new: int | None = None) -> None:
@@ -267,6 +280,13 @@ class Session:
                 self._abandon(rid)
                 reason = "too old" if now - started > PARTIAL_QUESTION_S else "too many"
                 self.error(ErrorCode.BAD_PAYLOAD, f"unfinished question {rid} dropped ({reason})", rid)
+
+    def _fail(self, rid: int, reason: str) -> None:
+        """ERROR ENGINE_ERROR and, for a request, DONE with reason error: the UI's request always ends."""
+        self.error(ErrorCode.ENGINE_ERROR, reason, rid)
+        if rid:
+            self.send(Frame(MsgType.DONE, rid, pack(MsgType.DONE, reason=int(DoneReason.ERROR), flags=0, total_bytes=0,
+                                                    tokens=0, answer_crc32=crc32(b""))))
 
     def _abandon(self, rid: int) -> None:
         """Drop an unfinished question; later fragments on its id are refused, never answered as a
@@ -287,19 +307,24 @@ class Session:
                     self.pump(out)
             answer = out.request.answer
             with self.lock:
+                if out.forgotten:
+                    return
                 if answer.finish_reason == "error":
                     self.error(ErrorCode.ENGINE_ERROR, answer.error or "engine error", out.request_id)
                 out.done = {"reason": int(FINISH_REASONS[answer.finish_reason]), "flags": int(done_flags(answer)),
                             "total_bytes": len(out.data), "tokens": min(answer.completion_tokens, 0xFFFF),
                             "answer_crc32": crc32(bytes(out.data))}
                 self.pump(out)
-        except TransportClosed:
+        except TransportClosed:   # a write failed or timed out, maybe part-way through a frame: end the link
             out.request.cancel()
+            _close_quietly(self.transport)
         except Exception as e:   # the answer's caller must see an ERROR and a DONE, never silence
             log.exception("%s: request %d failed", self.name, out.request_id)
             out.request.cancel()
             try:
                 with self.lock:
+                    if out.forgotten:
+                        return
                     self.stats["errors"] += 1
                     self.error(ErrorCode.ENGINE_ERROR, f"internal error ({type(e).__name__})", out.request_id)
                     out.done = {"reason": int(DoneReason.ERROR), "flags": 0, "total_bytes": len(out.data),
@@ -316,6 +341,8 @@ class Session:
         return out
 
     def _cancel(self, frame: Frame, fields: dict, text: str) -> None:
+        if frame.request_id not in self.answers and frame.request_id in self.delivered:
+            return      # already answered and acknowledged: nothing to stop
         out = self._lookup(frame.request_id)
         if out is not None:
             out.request.cancel()
@@ -340,7 +367,7 @@ class Session:
 
     def _ack(self, frame: Frame, fields: dict, text: str) -> None:
         delivered = self.delivered.get(frame.request_id)
-        if frame.request_id not in self.answers and delivered and delivered[0] == fields["offset"]:
+        if frame.request_id not in self.answers and delivered and fields["offset"] >= delivered[0]:
             return      # the final ACK of the total after DONE, when a chunk's ACK already carried it
         out = self._lookup(frame.request_id)
         if out is None:
@@ -349,6 +376,7 @@ class Session:
             out.acked = max(out.acked, min(fields["offset"], out.sent))
             if out.done_sent and out.acked == len(out.data):
                 del self.answers[out.request_id]   # delivered: keep just its DONE, for a RESEND of a lost one
+                self.delivered.pop(out.request_id, None)
                 self.delivered[out.request_id] = (len(out.data), out.done)
                 while len(self.delivered) > DELIVERED_REMEMBERED:
                     self.delivered.popitem(last=False)
