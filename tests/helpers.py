@@ -96,3 +96,15 @@ def llama_logits(path, tokens) -> np.ndarray:
         return np.array(llama.scores[: len(tokens)], dtype=np.float64)
     finally:
         llama.close()
+
+
+def stream_and_cancel(request, after_pieces: int) -> tuple[str, int]:
+    """Read ``request``'s stream, cancel it after ``after_pieces`` pieces and read on to the end:
+    (all the text streamed, tokens generated when cancel() was called)."""
+    streamed, at_cancel = [], None
+    for i, text in enumerate(request, start=1):
+        streamed.append(text)
+        if i == after_pieces:
+            at_cancel = request._job.generated
+            request.cancel()
+    return "".join(streamed), at_cancel

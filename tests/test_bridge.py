@@ -100,6 +100,20 @@ def serving_serial(tmp_path, engine):
             pass
 
 
+@contextlib.contextmanager
+def serving_unix(tmp_path, engine):
+    """``jee1 serve --ipc``'s bridge on a real Unix socket in ``tmp_path``; yields (socket path, service)."""
+    path = tmp_path / "ui.sock"
+    stop = threading.Event()
+    service = BridgeService(engine, stop)
+    service.start_unix(str(path))
+    try:
+        yield path, service
+    finally:
+        stop.set()
+        service.join()
+
+
 @pytest.fixture
 def serial_link(tmp_path, bridge_engine):
     with serving_serial(tmp_path, bridge_engine) as link:
@@ -524,12 +538,8 @@ class _FaultyEngine:
 def test_a_link_outlives_failures_in_frame_handling_and_answer_streaming(tmp_path, bridge_engine):
     """A fault while handling a frame or producing an answer is an ERROR (and, for an answer, a DONE
     with reason error) that the UI sees; the link then answers the next question as usual."""
-    path = tmp_path / "ui.sock"
-    stop = threading.Event()
     faulty = _FaultyEngine(bridge_engine, fail_status=True, fail_submit=1, fail_stream=1)
-    service = BridgeService(faulty, stop)
-    service.start_unix(str(path))
-    try:
+    with serving_unix(tmp_path, faulty) as (path, _):
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(path))
         client = UIClient(SocketTransport(sock, "test"))
@@ -542,13 +552,9 @@ def test_a_link_outlives_failures_in_frame_handling_and_answer_streaming(tmp_pat
             client.ask(QUESTION)
         assert client.ask(QUESTION).text.endswith("qualified clinician.")
         assert client.status()["link_errors"] == 3
-    finally:
-        stop.set()
-        service.join()
 
 
 def test_the_accept_loop_outlives_a_failing_accept(tmp_path, bridge_engine, monkeypatch):
-    path = tmp_path / "ui.sock"
     real_accept, calls = UnixListener.accept, []
 
     def accept_failing_once(self):
@@ -557,10 +563,7 @@ def test_the_accept_loop_outlives_a_failing_accept(tmp_path, bridge_engine, monk
             raise OSError(24, "Too many open files")
         return real_accept(self)
     monkeypatch.setattr(UnixListener, "accept", accept_failing_once)
-    stop = threading.Event()
-    service = BridgeService(bridge_engine, stop)
-    service.start_unix(str(path))
-    try:
+    with serving_unix(tmp_path, bridge_engine) as (path, service):
         deadline = time.monotonic() + 5
         while not calls and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -569,9 +572,6 @@ def test_the_accept_loop_outlives_a_failing_accept(tmp_path, bridge_engine, monk
         client = UIClient(SocketTransport(sock, "test"))
         client.hello()
         assert client.ask(QUESTION).text.endswith("qualified clinician.")
-    finally:
-        stop.set()
-        service.join()
 
 
 def test_the_engine_worker_outlives_a_failing_audit_log(tmp_path, q4_merged):
@@ -596,13 +596,9 @@ def test_abandoned_fragments_and_connections_do_not_accumulate(tmp_path, bridge_
     from jee1.firmware_bridge.protocol import Flags
     from jee1.procstat import status_bytes
 
-    path = tmp_path / "ui.sock"
-    stop = threading.Event()
-    service = BridgeService(bridge_engine, stop)
-    service.start_unix(str(path))
-    fragment = lambda rid: Frame(MsgType.QUERY, rid, pack(MsgType.QUERY, "x" * 200, max_tokens=0,  # noqa: E731
-                                                          reserved=0), flags=Flags.MORE).encode()
-    try:
+    with serving_unix(tmp_path, bridge_engine) as (path, service):
+        fragment = lambda rid: Frame(MsgType.QUERY, rid, pack(MsgType.QUERY, "x" * 200, max_tokens=0,  # noqa: E731
+                                                              reserved=0), flags=Flags.MORE).encode()
         rss_before = status_bytes("VmRSS")
         for n in range(400):
             sock = socket.socket(socket.AF_UNIX)
@@ -626,9 +622,6 @@ def test_abandoned_fragments_and_connections_do_not_accumulate(tmp_path, bridge_
         rss_after = status_bytes("VmRSS")
         print(f"RSS {rss_before / 2**20:.1f} MiB -> {rss_after / 2**20:.1f} MiB after 400 abandoning connections")
         last.close()
-    finally:
-        stop.set()
-        service.join()
 
 
 def test_an_error_from_the_ui_is_logged_not_answered(serial_link, caplog):
@@ -864,11 +857,7 @@ def test_a_second_hello_starts_the_conversation_afresh(serial_link):
 
 def test_the_bridge_starts_each_connection_with_a_delimiter(tmp_path, bridge_engine):
     """§2: noise the UI's receiver holds must not swallow the bridge's first frame."""
-    path = tmp_path / "ui.sock"
-    stop = threading.Event()
-    service = BridgeService(bridge_engine, stop)
-    service.start_unix(str(path))
-    try:
+    with serving_unix(tmp_path, bridge_engine) as (path, service):
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(path))
         sock.settimeout(10)
@@ -878,9 +867,6 @@ def test_the_bridge_starts_each_connection_with_a_delimiter(tmp_path, bridge_eng
             received += sock.recv(4096)
         assert received[0] == 0 and received[1:] == Frame(MsgType.PONG, 0, pack(MsgType.PONG, nonce=5)).encode()
         sock.close()
-    finally:
-        stop.set()
-        service.join()
 
 
 def test_more_on_a_type_that_does_not_use_it_is_ignored(serial_link):
@@ -977,11 +963,7 @@ def test_a_lost_done_can_be_asked_for_again_after_every_byte_was_acknowledged(se
 
 def test_a_ui_that_stops_reading_for_a_moment_keeps_its_link(tmp_path, bridge_engine):
     """A Unix-socket UI busy for a second (its buffer full of STATUS frames) is waited for, not dropped."""
-    path = tmp_path / "ui.sock"
-    stop = threading.Event()
-    service = BridgeService(bridge_engine, stop)
-    service.start_unix(str(path))
-    try:
+    with serving_unix(tmp_path, bridge_engine) as (path, service):
         sock = socket.socket(socket.AF_UNIX)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(str(path))
@@ -993,9 +975,6 @@ def test_a_ui_that_stops_reading_for_a_moment_keeps_its_link(tmp_path, bridge_en
         for _ in range(40):
             assert client.status(timeout=10)["link"]
         assert client.ask(QUESTION, max_tokens=4).reason in (DoneReason.TRUNCATED, DoneReason.COMPLETE)
-    finally:
-        stop.set()
-        service.join()
 
 
 def test_a_question_with_a_refused_fragment_is_never_answered(serial_link):

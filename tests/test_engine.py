@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import engine_settings, running_engine
+from helpers import stream_and_cancel
 from jee1.edge.engine import _INVISIBLE, Busy, Engine, _Stream
 
 QUESTION = "Which enzyme does aspirin inhibit?"
@@ -53,17 +54,10 @@ def test_deadline_truncates(engine):
 
 def test_cancel_mid_stream_then_answer_again(engine):
     request = engine.submit(QUESTION, max_tokens=900, deadline_s=60)
-    seen, texts = 0, []
-    for text in request:
-        texts.append(text)
-        seen += 1
-        if seen == 3:
-            at_cancel = request._job.generated
-            request.cancel()
+    streamed, at_cancel = stream_and_cancel(request, after_pieces=3)
     answer = request.answer
     assert answer.finish_reason == "cancelled"
     assert answer.completion_tokens - at_cancel <= 1  # takes effect within one token
-    streamed = "".join(texts)
     assert answer.text == answer.body == streamed     # a cancelled answer is exactly what was sent
     assert answer.completion_tokens <= request._job.generated
     again = engine.ask(QUESTION)

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import engine_settings, run_convert
+from helpers import stream_and_cancel
 from jee1.convert.tiny import TinySpec, build_checkpoint, train_tokenizer
 from jee1.edge.engine import Engine
 from jee1.errors import InputError
@@ -159,13 +160,7 @@ def test_stop_sequences_max_tokens_and_deadline_as_plain(tmp_path, f16_merged, p
 def test_cancel_mid_draft_stops_within_one_step_and_sends_nothing_after(tmp_path, f16_merged):
     with Engine(drafted(tmp_path, f16_merged.output, f16_merged.output, draft_tokens=8)) as engine:
         request = engine.submit(PROMPTS[0], max_tokens=400, deadline_s=60)
-        streamed, seen = "", 0
-        for text in request:
-            streamed += text
-            seen += 1
-            if seen == 2:
-                at_cancel = request._job.generated
-                request.cancel()
+        streamed, at_cancel = stream_and_cancel(request, after_pieces=2)
         answer = request.answer
         assert answer.finish_reason == "cancelled"
         assert answer.completion_tokens - at_cancel <= 1
