@@ -249,10 +249,11 @@ PARTIAL_SUFFIX = ".partial"
 
 def _remove_stale_partials(out: Path) -> None:
     """Remove what a killed run (SIGKILL, the OOM killer, a power cut) left beside ``out``:
-    ``.NAME.PID.partial`` whose process is gone.  A run still going is left alone."""
+    ``.NAME.PID.partial`` whose process is gone, or whose id is ours (in a container, a process id
+    comes round again: the run that left it was an earlier one).  A run still going is left alone."""
     for path in out.parent.glob(f".{glob_escape(out.name)}.*{PARTIAL_SUFFIX}"):
         pid = path.name[len(out.name) + 2:-len(PARTIAL_SUFFIX)]
-        if not pid.isdigit() or _process_alive(int(pid)):
+        if not pid.isdigit() or (int(pid) != os.getpid() and _process_alive(int(pid))):
             continue
         size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
         log.warning("removing %s (%.1f MiB) left by an earlier run (process %s) that did not finish",
@@ -269,7 +270,7 @@ def _process_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:   # someone else's process: alive
-        return True
+        pass
     return True
 
 

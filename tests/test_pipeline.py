@@ -246,6 +246,8 @@ def test_stale_partials_of_dead_runs_are_removed(tmp_path, tiny_base, caplog):
     live.mkdir()
     other = tmp_path / f".other.gguf.{dead}.partial"        # another output's: not ours to judge
     other.mkdir()
+    recycled = tmp_path / f".m.gguf.{os.getpid()}.partial"  # an earlier run whose process id came round again
+    recycled.mkdir()
     with caplog.at_level("WARNING"):
         run_convert(tiny_base, tmp_path / "m.gguf", "F16")
     assert not stale_dir.exists() and live.exists() and other.exists()
