@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import secrets
+import tempfile
 import threading
 import time
 from collections import deque
@@ -26,6 +27,7 @@ from pathlib import Path
 from jee1 import __version__
 from jee1.errors import Busy
 from jee1.errors import InputError
+from jee1.manifest import write_json_atomic
 
 from .transports import SerialTransport, TransportClosed
 
@@ -85,12 +87,17 @@ def write_secret(path: Path, secret: bytes) -> None:
     path = Path(path)
     if path.exists():
         raise InputError(f"{path}: exists; remove it first if it is really to be replaced")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)   # mode 0600
     try:
-        os.write(fd, secret + b"\n")
-        os.fsync(fd)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secret + b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)         # whole or not at all, and never over a secret that appeared meanwhile
+    except FileExistsError:
+        raise InputError(f"{path}: exists; remove it first if it is really to be replaced") from None
     finally:
-        os.close(fd)
+        Path(tmp).unlink(missing_ok=True)
 
 
 class Lockout:
@@ -112,13 +119,9 @@ class Lockout:
     def save(self) -> None:
         if self.path is None:
             return
-        tmp = self.path.with_name(self.path.name + ".tmp")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump({"failures": self.failures, "locked_until": self.locked_until}, f)
-            os.replace(tmp, self.path)
+            write_json_atomic(self.path, {"failures": self.failures, "locked_until": self.locked_until}, mode=0o600)
         except OSError as e:   # the lockout still holds in memory
             log.warning("%s: cannot keep the console lockout state (%s)", self.path, e.strerror)
 

@@ -1017,3 +1017,23 @@ def test_cancel_for_an_answered_request_is_silent(serial_link):
     client.cancel(rid)
     client.status()
     assert [e for e in client.errors if e[0] == rid] == []
+
+
+def test_a_secret_that_cannot_be_written_whole_leaves_nothing_behind(small_tmpfs):
+    """On a full disk `jee1 service-key` fails with one line (exit 3) and leaves no empty or partial
+    key: a retry once there is room writes it."""
+    import subprocess
+    import sys
+
+    from conftest import fill_up
+
+    jee1 = Path(sys.executable).parent / "jee1"
+    out = small_tmpfs / "fleet.key"
+    filler = fill_up(small_tmpfs)
+    full = subprocess.run([str(jee1), "service-key", "fleet", "--out", str(out)], capture_output=True, text=True)
+    assert full.returncode == 3 and "Traceback" not in full.stderr, full.stderr
+    assert sorted(p.name for p in small_tmpfs.iterdir()) == ["filler"]
+    filler.unlink()
+    again = subprocess.run([str(jee1), "service-key", "fleet", "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert len(out.read_text().strip()) == 64 and out.stat().st_mode & 0o777 == 0o600
