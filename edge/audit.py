@@ -19,13 +19,13 @@ import hmac
 import json
 import logging
 import logging.handlers
-import os
 import secrets
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 from jee1.errors import ResourceError
+from jee1.manifest import create_file_atomic
 
 log = logging.getLogger(__name__)
 KEY_FILE = "audit.key"
@@ -40,19 +40,15 @@ def load_or_create_key(path: Path) -> bytes:
     """The device's audit key: 32 random bytes, created once with mode 0600."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_bytes(32)
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            create_file_atomic(path, key, mode=0o600)   # a full disk leaves no short key behind
+            return key
         except FileExistsError:
             key = path.read_bytes()
             if len(key) < 32:
                 raise ResourceError(f"{path}: the audit key is shorter than 32 bytes; remove it to make a new one")
             return key
-        key = secrets.token_bytes(32)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key)
-            f.flush()
-            os.fsync(f.fileno())
-        return key
     except OSError as e:
         raise ResourceError(f"{path}: cannot read or create the audit key ({e.strerror})") from None
 

@@ -18,7 +18,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 import time
 from collections import deque
@@ -27,7 +26,7 @@ from pathlib import Path
 from jee1 import __version__
 from jee1.errors import Busy
 from jee1.errors import InputError
-from jee1.manifest import write_json_atomic
+from jee1.manifest import create_file_atomic, write_json_atomic
 
 from .transports import SerialTransport, TransportClosed
 
@@ -87,17 +86,10 @@ def write_secret(path: Path, secret: bytes) -> None:
     path = Path(path)
     if path.exists():
         raise InputError(f"{path}: exists; remove it first if it is really to be replaced")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)   # mode 0600
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(secret + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(tmp, path)         # whole or not at all, and never over a secret that appeared meanwhile
+        create_file_atomic(path, secret + b"\n", mode=0o600)   # never over a secret that appeared meanwhile
     except FileExistsError:
         raise InputError(f"{path}: exists; remove it first if it is really to be replaced") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 class Lockout:

@@ -44,6 +44,22 @@ def file_record(path: str | Path, root: str | Path | None = None, progress=None)
     }
 
 
+def create_file_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None:
+    """Create ``path`` holding ``data``, whole or not at all: a temporary file in the same directory,
+    fsync, then a hard link into place.  FileExistsError when ``path`` exists, never overwriting it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def write_json_atomic(path: str | Path, data: dict, mode: int = 0o644) -> None:
     """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``
     (mode 0644 by default: a manifest is for everyone to read)."""
