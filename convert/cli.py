@@ -12,13 +12,13 @@ import click
 
 from jee1 import __version__
 from jee1.logs import configure_logging
-from jee1.errors import EXIT_CODES, Jee1Error, ResourceError, os_error_line
+from jee1.errors import Jee1Error, ResourceError, exit_codes, os_error_line
 from jee1.prompts import DEFAULT_TEMPLATE, template_names
 
 from .bnb4 import BLOCKSIZES, QloraBase
 from .quant_types import DEFAULT_QUANT, QUANT_TYPES, quant_type
 
-EPILOG = "Exit codes: " + "; ".join(f"{code} {meaning}" for code, meaning in EXIT_CODES.items()) + "."
+EPILOG = exit_codes(1, 2, 3, 4)       # the converter never answers "busy"
 
 
 def _qlora_base(ctx: click.Context, kind: str, dtype: str, blocksize: int, double_quant: bool) -> QloraBase | None:

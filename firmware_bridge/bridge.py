@@ -188,6 +188,7 @@ class Session:
         handler = {MsgType.QUERY: self._query, MsgType.CANCEL: self._cancel, MsgType.RESEND: self._resend,
                    MsgType.ACK: self._ack, MsgType.STATUS_REQUEST: self._status}.get(mtype)
         if handler is None:
+            self.stats["bad_frames"] += 1
             return self.error(ErrorCode.UNKNOWN_TYPE, f"{mtype.name} is not sent to the bridge", frame.request_id)
         return handler(frame, fields, text)
 
@@ -235,7 +236,8 @@ class Session:
             raise FrameError(ErrorCode.BAD_PAYLOAD, "QUERY needs a non-zero request_id")
         if rid in self.answers and rid not in self.questions:
             return self.error(ErrorCode.DUPLICATE_REQUEST, f"request {rid} is in flight", rid)
-        self._expire_questions(new=rid if rid not in self.questions and frame.flags & Flags.MORE else None)
+        if rid not in self.abandoned:   # a refused id evicts nothing; one that expires now is refused below
+            self._expire_questions(new=rid if rid not in self.questions and frame.flags & Flags.MORE else None)
         if rid in self.abandoned:    # its late fragments must not pass for a question of their own
             return self.error(ErrorCode.BAD_PAYLOAD, f"the question of request {rid} was dropped part-way; send it "
                               f"again under a new request_id", rid)

@@ -53,8 +53,11 @@ class UIClient:
         self.errors: list[tuple[int, int, str]] = []   # (request_id, code, text) of ERROR frames
         self.bad_frames = 0
         self._ids = itertools.count(1)
+        self.seq = 0
 
     def send(self, frame: Frame) -> None:
+        frame.seq = self.seq
+        self.seq = (self.seq + 1) & 0xFFFF
         self.transport.write(frame.encode())
 
     def _next(self, timeout: float) -> Frame | None:
@@ -82,6 +85,7 @@ class UIClient:
                     self.pending.append(item)
 
     def hello(self, min_version: int = 1, max_version: int = PROTOCOL_VERSION, timeout: float = 5.0) -> dict:
+        self.transport.write(b"\x00")   # ends whatever noise the bridge's receiver holds (docs/protocol.md §2)
         self.send(Frame(MsgType.HELLO, 0, pack(MsgType.HELLO, "jee1-ui-sim", min_version=min_version,
                                                max_version=max_version, max_payload=self.max_payload,
                                                window=self.window)))

@@ -36,6 +36,11 @@ class VerificationError(Jee1Error):
 
 
 # Documented in README.md and in each CLI's --help.
+def exit_codes(*codes: int) -> str:
+    """A command's --help epilog: only the exit codes it can return (0 always)."""
+    return "Exit codes: " + "; ".join(f"{c} {EXIT_CODES[c]}" for c in (0, *codes)) + "."
+
+
 EXIT_CODES = {
     0: "success",
     1: "bad input (the message names the file or tensor)",

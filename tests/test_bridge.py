@@ -1037,3 +1037,20 @@ def test_a_secret_that_cannot_be_written_whole_leaves_nothing_behind(small_tmpfs
     again = subprocess.run([str(jee1), "service-key", "fleet", "--out", str(out)], capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert len(out.read_text().strip()) == 64 and out.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_late_fragment_of_a_dropped_question_evicts_nothing(serial_link, monkeypatch):
+    """§5.2: only a ninth fragmented question evicts the oldest; a refused late fragment is not one."""
+    import jee1.firmware_bridge.bridge as bridge_mod
+
+    pty, _ = serial_link
+    client = client_for(pty)
+    monkeypatch.setattr(bridge_mod, "PARTIAL_QUESTION_S", 0.3)
+    client.send(_fragment(90, "soon dropped, "))
+    assert _errors_for(client, 90, wait=1.0)[0][1] == "unfinished question 90 dropped (too old)"
+    monkeypatch.setattr(bridge_mod, "PARTIAL_QUESTION_S", 30.0)
+    for rid in range(1, 9):
+        client.send(_fragment(rid, f"part one of question {rid}, "))
+    client.send(_fragment(90, "a late part, "))
+    client.status()
+    assert [(r, code) for r, code, _ in client.errors if r != 90] == []
