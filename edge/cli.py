@@ -192,8 +192,9 @@ def engine_options(f):
                      help=_setting_help("The audit log (JSON lines, rotated).", "audit.path")),
         click.option("--no-verify", is_flag=True, help="Skip the manifest check (development only; logged)."),
         click.option("--allow-unprotected", is_flag=True,
-                     help="Load a model file that is not root-owned and read-only (development only; logged). "
-                          "Sets model.require_protected = false."),
+                     help="Load a model file that someone other than root could write (not root-owned, or "
+                          "writable by its group or others; development only; logged). Sets "
+                          "model.require_protected = false."),
     ]
     for option in reversed(options):
         f = option(f)
