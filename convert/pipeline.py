@@ -223,7 +223,7 @@ def convert(opts: ConvertOptions) -> ConvertResult:
         if kept is not None:
             os.replace(tmp_written, kept)
             result.intermediate = kept
-        _fsync_dir(out.parent)     # the renames themselves survive a power cut
+        _fsync(out.parent)         # the renames themselves survive a power cut
         return result
     except OSError as e:
         if e.filename:             # names its path already: the CLI prints it as one line
@@ -274,14 +274,6 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _quality_gate(opts: ConvertOptions, f16: Path, quantized: Path, checkpoint: Checkpoint) -> dict:
     """KL divergence and top-1 agreement of the quantized file against the F16 on a medical text."""
     import hashlib
@@ -307,6 +299,7 @@ def _quality_gate(opts: ConvertOptions, f16: Path, quantized: Path, checkpoint: 
 
 
 def _fsync(path: Path) -> None:
+    """Flush a file's data, or a folder's entries (a rename), to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

@@ -101,6 +101,7 @@ def inspect(model, as_json, tensors):
 
 
 @main.command(epilog=exit_codes(1, 2, 3, 4))
+# demo-out is git-ignored; README's "Trying the device commands" uses it
 @click.option("--workdir", type=click.Path(path_type=Path, file_okay=False), default=Path("demo-out"),
               show_default=True,
               help="Where to build the tiny model, its GGUF, manifest, a development jee1.toml, cache and audit "

@@ -23,7 +23,6 @@ log = logging.getLogger(__name__)
 QUESTION = "What is the first-line treatment for anaphylaxis?"
 
 
-DEFAULT_WORKDIR = Path("demo-out")   # git-ignored; README's "Trying the device commands" uses it
 
 
 @dataclass

@@ -16,7 +16,6 @@ from pathlib import Path
 import numpy as np
 
 from jee1.errors import InputError
-from jee1.datafiles import MEDICAL_TEXT  # noqa: F401  (the default text of a comparison)
 from jee1.llama_backend import clear_context, load_llama
 
 
@@ -41,7 +40,6 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def _window_logits(llama, tokens: list[int]) -> np.ndarray:
-    llama.reset()
     clear_context(llama)
     llama.eval(tokens)
     return _log_softmax(np.asarray(llama.scores[:len(tokens)], dtype=np.float64))

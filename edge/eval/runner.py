@@ -13,6 +13,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from jee1.errors import InputError
+from jee1.manifest import sha256_file
 
 from .prompting import FewshotSampler, PromptStyle
 from .scoring import LoglikScorer, parse_answer
@@ -54,20 +55,12 @@ def read_records(path: Path, run_key: str | None = None) -> dict[tuple[str, str]
     return done
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def run_key(engine, config: EvalConfig, style: PromptStyle) -> dict:
     """Everything a record's answer depends on.  Records are reused only under the same key."""
     return {
         "model_sha256": engine.model_sha256 or engine._model_identity(),
-        "tasks": {task: _file_sha256(path) for task, path in config.tasks},
-        "fewshot": {task: _file_sha256(path) for task, path in sorted(config.fewshot.items())} if config.k else {},
+        "tasks": {task: sha256_file(path) for task, path in config.tasks},
+        "fewshot": {task: sha256_file(path) for task, path in sorted(config.fewshot.items())} if config.k else {},
         "mode": config.mode, "style": config.style, "k": config.k, "seed": config.seed,
         "template_sha256": hashlib.sha256(json.dumps([style.name, style.chat_template, style.system]).encode()).hexdigest(),
         "pre_model_safety": engine.policy.pre_model,
