@@ -238,18 +238,21 @@ class VersionLedger:
     def __init__(self, directory: Path | None):
         self.path = Path(directory) / ACCEPTED_VERSIONS if directory else None
 
-    def _read(self) -> dict:
+    def _read(self) -> dict | None:
+        """The ledger; None when the file exists but cannot be read or parsed (damaged or tampered)."""
         if self.path is None or not self.path.is_file():
             return {}
         try:
             data = json.loads(self.path.read_text())
-            return data if isinstance(data, dict) else {}
         except (OSError, json.JSONDecodeError):
-            log.warning("%s: unreadable accepted-versions file; treating it as empty", self.path)
-            return {}
+            data = None
+        if not isinstance(data, dict):
+            log.warning("%s: unreadable accepted-versions file", self.path)
+            return None
+        return data
 
     def newest(self, role: str) -> dict | None:
-        return self._read().get(role)
+        return (self._read() or {}).get(role)
 
     def check(self, role: str, model: Path, manifest: dict, allow_downgrade: bool) -> tuple[int, dict | None]:
         """(version, the newest accepted before when this is a downgrade); ModelRejected for a
@@ -257,7 +260,14 @@ class VersionLedger:
         version = manifest.get("model", {}).get("version", 0)
         if not isinstance(version, int) or version < 0:
             raise ModelRejected(f"{manifest_path(model)}: model.version {version!r} is not a whole number")
-        newest = self.newest(role)
+        ledger = self._read()
+        if ledger is None:   # fail closed: this may be a downgrade that nothing can rule out
+            if not allow_downgrade:
+                raise ModelRejected(
+                    f"{self.path}: unreadable, so the device cannot tell whether {model.name} is older than the "
+                    f"{role} it accepted before; set model.allow_downgrade = true once to accept it (audited)")
+            return version, {"version": -1, "name": f"(unreadable {ACCEPTED_VERSIONS})"}
+        newest = ledger.get(role)
         if newest is not None and version < newest["version"]:
             if not allow_downgrade:
                 raise ModelRejected(
@@ -272,8 +282,10 @@ class VersionLedger:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            data = self._read()
-            data[role] = {"version": version, "name": model.name, "sha256": sha256}
-            write_json_atomic(self.path, data, mode=0o600)
+            data = self._read() or {}
+            entry = {"version": version, "name": model.name, "sha256": sha256}
+            if data.get(role) != entry:   # an unchanged start writes nothing
+                data[role] = entry
+                write_json_atomic(self.path, data, mode=0o600)
         except OSError as e:
             log.warning("%s: cannot record the accepted version (%s)", self.path, e.strerror)

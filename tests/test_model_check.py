@@ -304,3 +304,21 @@ def test_only_a_root_owned_read_only_model_is_loaded_when_protection_is_required
         assert events[-1]["event"] == "model_refused" and reason in events[-1]["reason"]
     os.chown(model, 0, 0)
     os.chmod(model, 0o644)
+
+
+def test_a_damaged_version_ledger_fails_closed(releases, keys, tmp_path):
+    """An accepted-versions file that cannot be read could hide a downgrade: the model is refused
+    until a deliberate, audited model.allow_downgrade, which rewrites the ledger."""
+    workdir = tmp_path / "device"
+    with Engine(_signed_settings(releases[2], workdir, keys)):
+        pass
+    ledger = workdir / "cache" / "accepted-versions.json"
+    ledger.write_text("{ not json")
+    with pytest.raises(ModelRejected, match="unreadable.*allow_downgrade"):
+        Engine(_signed_settings(releases[1], workdir, keys))
+    with Engine(_signed_settings(releases[1], workdir, keys, allow_downgrade=True)):
+        pass
+    audit = [json.loads(line) for line in (workdir / "audit.jsonl").read_text().splitlines()]
+    assert [r["event"] for r in audit if r["event"] in ("model_refused", "model_downgrade")][-2:] == \
+        ["model_refused", "model_downgrade"]
+    assert json.loads(ledger.read_text())["model"]["version"] == 1
