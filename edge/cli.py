@@ -644,7 +644,12 @@ def _verbosity_after_the_command(ctx, param, value):
     configure_logging(root.obj["verbose"], root.obj["quiet"])
 
 
-for _command in main.commands.values():      # the same -q / -v in both places, on every command
+def _leaf_commands(group: click.Group):
+    for command in group.commands.values():
+        yield from _leaf_commands(command) if isinstance(command, click.Group) else (command,)
+
+
+for _command in _leaf_commands(main):        # the same -q / -v in both places, on every command
     _command.params += [
         click.Option(["-v", "--verbose", "late_verbose"], count=True, expose_value=False, is_eager=True,
                      callback=_verbosity_after_the_command, help="More log output (also accepted before the command)."),

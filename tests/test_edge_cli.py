@@ -164,7 +164,8 @@ def test_quiet_and_verbose_work_before_and_after_the_command(tmp_path, tiny_base
 
     bin_dir = Path(sys.executable).parent
     for args in (["-q", "safety-check", "--json", "hello"], ["safety-check", "-q", "--json", "hello"],
-                 ["-v", "safety-check", "--json", "hello"], ["safety-check", "--json", "-v", "hello"]):
+                 ["-v", "safety-check", "--json", "hello"], ["safety-check", "--json", "-v", "hello"],
+                 ["service-key", "fleet", "--out", str(tmp_path / "fleet.key"), "-q"]):   # a sub-group's command
         result = subprocess.run([bin_dir / "jee1", *args], capture_output=True, text=True, timeout=120)
         assert result.returncode == 0, (args, result.stderr)
     for position in ("first", "last"):
