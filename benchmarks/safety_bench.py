@@ -5,7 +5,7 @@ against a baseline in the same run (reading the message alone, without the rules
 
     python benchmarks/safety_bench.py [--split dev --split heldout ...] [--rules FILE] [--json] [--show-held-out]
 
-The lines of a held-out split (any split splits.json does not list as dev or spent) are never
+The lines of a held-out split (any split splits.json does not list as dev, train or spent) are never
 printed unless --show-held-out is given: whoever changes the screen must not read them (docs/safety.md), and a run over every split
 once put two held-out splits' misses on the rule writer's screen.
 
@@ -27,7 +27,9 @@ from jee1.edge.safety.corpus import load_corpus, measure
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "safety"
 SPLITS = tuple(sorted((p.stem for p in CORPUS.glob("*.jsonl")), key=lambda s: (s != "dev", s)))
 ROLES = json.loads((CORPUS / "splits.json").read_text())
-MARK = {**{s: "" for s in ROLES["dev"]}, **{s: "+" for s in ROLES["spent"]}, **{s: "*" for s in ROLES["held_out"]}}
+MARK = {**{s: "" for s in ROLES["dev"]}, **{s: "~" for s in ROLES["train"]}, **{s: "+" for s in ROLES["spent"]},
+        **{s: "*" for s in ROLES["held_out"]}}
+SEEN = set(ROLES["dev"]) | set(ROLES["train"]) | set(ROLES["spent"])
 
 
 HELD_OUT_LINES = ("misses", "wrong_kind", "false_trigger_lines")
@@ -66,7 +68,7 @@ def main() -> None:
         fig = measure(policy, examples).as_json()
         policy.reader.correct.cache_clear()
         fig["reading_only_median_ms"] = reading_only_ms(policy, [e.text for e in examples])
-        if split not in ROLES["dev"] + ROLES["spent"] and not args.show_held_out:   # held out, or not yet listed
+        if split not in SEEN and not args.show_held_out:   # held out, or not yet listed
             for key in HELD_OUT_LINES:
                 fig[key] = len(fig[key])          # counts only: the lines stay unread
         report["splits"][split] = fig
@@ -82,8 +84,8 @@ def main() -> None:
               f"{pct(f['false_trigger_ci95'][0])}-{pct(f['false_trigger_ci95'][1]).strip():>7} {count(f['wrong_kind']):>10} "
               f"{f['median_ms']:>9.3f} {f['p99_ms']:>7.3f} {f['reading_only_median_ms']:>12.3f}")
         print(f"          caught {f['caught']}/{f['emergencies']}")
-    print("+ spent: held out, measured first, then changed for (no longer evidence)   "
-          "* held out: never changed for (tests/data/safety/splits.json)")
+    print("~ train: the backstop's training data only   + spent: held out, measured first, then changed for "
+          "(no longer evidence)   * held out: never changed for (tests/data/safety/splits.json)")
     for split, f in report["splits"].items():
         print(f"\n== {split}: per category (caught/emergencies, false triggers/ordinary)")
         for cat, c in f["by_category"].items():

@@ -431,8 +431,12 @@ def safety_check(ctx, texts, rules, as_json, explain):
                 click.echo(f"    {c['rule']:<42} {c['matched']!r}: {silenced}")
             if why["learned"]:
                 lp = why["learned"]
-                click.echo(f"    learned backstop: p(urgent) {lp['p_urgent']:.2f} (fires at {lp['threshold']:.2f}), "
-                           f"p(crisis) {lp['p_crisis']:.2f}; strongest: {', '.join(lp['top_features']) or '-'}")
+                towards = "ordinary" if lp["overruled"] else "urgent"
+                click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.2f} (fires at {lp['threshold']:.2f}, overrules a rule "
+                           f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.2f}; strongest towards {towards}: "
+                           f"{', '.join(lp['top_features']) or '-'}")
+                if lp["overruled"]:
+                    click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message")
 
 
 @main.command(epilog=exit_codes(1, 2, 3))

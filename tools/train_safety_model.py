@@ -1,23 +1,34 @@
-"""Train the safety screen's learned backstop (edge/data/safety_model.npz) on the dev and spent
+"""Train the safety screen's learned model (edge/data/safety_model.npz) on the dev, train and spent
 splits of the labelled corpus (tests/data/safety/splits.json), never on a held-out one.
 
     python tools/train_safety_model.py
 
 Two logistic regressions over hashed features (edge/safety/model.py): urgent (emergency or crisis)
-against ordinary, class-balanced; and, among urgent messages, crisis against emergency.  The firing
-threshold is the lowest at which 5-fold cross-validation on the training messages gives at most 1%
-false triggers.  Full-batch gradient descent with Nesterov momentum, fixed iterations and seed:
-the same data gives the same weights.
+against ordinary, class-balanced; and, among urgent messages, crisis against emergency.  Trained
+with torch (a test-time dependency only: the device reads the weights with numpy), Adam over
+shuffled mini-batches, fixed seed and one thread: the same data gives the same weights.
+
+The firing threshold is chosen by leave-one-author-out cross-validation: each split in
+``cross_validation`` (splits.json: the ones whose lines no rule was written against) is scored by a
+model trained on every other split, and the screen (the rules, unless the model is below
+``overrule_below`` where it may overrule them, plus the model at or above ``threshold``) is measured on them together.  The two
+figures are the pair, from a grid, that catches the most while keeping those false triggers at or
+under MAX_CV_FALSE_TRIGGERS.  A new author's messages are what the device
+will meet, so that is what the threshold is chosen on; random folds of one author's lines flatter it.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from jee1.edge.safety import SafetyPolicy
+from jee1.datafiles import read_toml
+from jee1.edge.safety import RULES_FILE, SafetyPolicy
 from jee1.edge.safety.corpus import load_corpus
 from jee1.edge.safety.model import features, hashed
 
@@ -25,70 +36,117 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "data" / "safety"
 OUT = REPO / "edge" / "data" / "safety_model.npz"
 DIM = 1 << 18
-L2, ITERATIONS, LEARNING_RATE, MOMENTUM = 1e-4, 300, 2.0, 0.9
-MAX_CV_FALSE_TRIGGERS = 0.01
+EPOCHS, BATCH, LEARNING_RATE, L2, SEED = 8, 64, 0.02, 1e-6, 0
+MAX_CV_FALSE_TRIGGERS = 0.02   # the target: more recall is bought with false triggers up to it, no further
+THRESHOLDS = np.round(np.arange(0.30, 0.96, 0.01), 2)      # the model fires where no rule did at or above
+OVERRULE_BELOW = (0.02, 0.05, 0.10)                        # a rule's firing stands unless the model is below
 
 
-class Rows:
-    """A sparse matrix as (row, column, value) triples: just the two products training needs."""
-
-    def __init__(self, rows: list[tuple[np.ndarray, np.ndarray]]):
-        self.n = len(rows)
-        self.r = np.concatenate([np.full(len(i), k) for k, (i, _) in enumerate(rows)])
-        self.c = np.concatenate([i for i, _ in rows])
-        self.v = np.concatenate([v for _, v in rows])
-
-    def dot(self, w: np.ndarray) -> np.ndarray:
-        return np.bincount(self.r, weights=self.v * w[self.c], minlength=self.n)
-
-    def tdot(self, g: np.ndarray) -> np.ndarray:
-        return np.bincount(self.c, weights=self.v * g[self.r], minlength=DIM)
+def _batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    flat = np.concatenate([i for i, _ in rows])
+    offsets = np.cumsum([0] + [len(i) for i, _ in rows[:-1]])
+    weights = np.concatenate([v for _, v in rows])
+    return torch.from_numpy(flat), torch.from_numpy(offsets), torch.from_numpy(weights)
 
 
 def train(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
-    X = Rows(rows)
-    weight = np.where(y == 1, 0.5 / y.mean(), 0.5 / (1 - y.mean()))
-    w, b, vw, vb = np.zeros(DIM), 0.0, np.zeros(DIM), 0.0
-    for _ in range(ITERATIONS):
-        lw, lb = w + MOMENTUM * vw, b + MOMENTUM * vb
-        g = (1 / (1 + np.exp(-(X.dot(lw) + lb))) - y) * weight
-        vw = MOMENTUM * vw - LEARNING_RATE * (X.tdot(g) / len(y) + L2 * lw)
-        vb = MOMENTUM * vb - LEARNING_RATE * g.mean()
-        w, b = w + vw, b + vb
-    return w.astype(np.float32), float(b)
+    """Class-balanced logistic regression: (weights over DIM buckets, bias)."""
+    torch.manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    w = torch.nn.EmbeddingBag(DIM, 1, mode="sum")
+    torch.nn.init.zeros_(w.weight)
+    b = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.Adam([w.weight, b], lr=LEARNING_RATE)
+    balance = torch.tensor([0.5 / (1 - y.mean()), 0.5 / y.mean()], dtype=torch.float32)
+    for _ in range(EPOCHS):
+        order = rng.permutation(len(rows))
+        for k in range(0, len(order), BATCH):
+            ix = order[k:k + BATCH]
+            target = torch.from_numpy(y[ix].astype(np.float32))
+            z = w(*_batch([rows[i] for i in ix])).squeeze(-1) + b
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")
+                    * balance[target.long()]).mean() + L2 * (w.weight ** 2).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return w.weight.detach().numpy()[:, 0].copy(), float(b.item())
 
 
 def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
-    return 1 / (1 + np.exp(-(Rows(rows).dot(w) + b)))
+    return np.array([1 / (1 + math.exp(-(float(v @ w[i]) + b))) for i, v in rows])
+
+
+def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, threshold: float,
+             overrule_below: float) -> np.ndarray:
+    return (rule_fired & ~(overrulable & (p < overrule_below))) | (p >= threshold)
+
+
+def cross_validate(rows: list, split_of: np.ndarray, rule_fired: np.ndarray, overrulable: np.ndarray,
+                   urgent: np.ndarray, folds: list[str]) -> tuple[float, float, dict]:
+    p = np.full(len(rows), np.nan)
+    for split in folds:
+        held = split_of == split
+        w, b = train([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
+        p[held] = predict([r for r, h in zip(rows, held, strict=True) if h], w, b)
+        print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
+    scored = ~np.isnan(p)
+    ordinary, emergencies = scored & (urgent == 0), scored & (urgent == 1)
+
+    def figures(threshold: float, overrule_below: float) -> tuple[float, float]:
+        fired = screened(rule_fired, overrulable, p, threshold, overrule_below)
+        return (fired & emergencies).sum() / emergencies.sum(), (fired & ordinary).sum() / ordinary.sum()
+
+    # the most recall within the false-trigger budget; of equals, the fewest false triggers
+    grid = [(*figures(t, v), float(t), v) for v in OVERRULE_BELOW for t in THRESHOLDS]
+    within = [g for g in grid if g[1] <= MAX_CV_FALSE_TRIGGERS] or [min(grid, key=lambda g: g[1])]
+    recall, false_triggers, threshold, overrule_below = max(within, key=lambda g: (g[0], -g[1]))
+    overruled = rule_fired & overrulable & (p < overrule_below)
+    rules_recall = (rule_fired & emergencies).sum() / emergencies.sum()
+    rules_false = (rule_fired & ordinary).sum() / ordinary.sum()
+    return threshold, overrule_below, {"folds": folds, "messages": int(scored.sum()), "recall": round(float(recall), 4),
+                       "false_trigger_rate": round(float(false_triggers), 4),
+                       "rules_alone_recall": round(float(rules_recall), 4),
+                       "rules_alone_false_trigger_rate": round(float(rules_false), 4),
+                       "overruled_emergencies": int((overruled & emergencies).sum()),
+                       "overruled_ordinary": int((overruled & ordinary).sum()),
+                       "emergencies": int(emergencies.sum()), "ordinary": int(ordinary.sum())}
 
 
 def main() -> None:
+    torch.set_num_threads(1)
     roles = json.loads((CORPUS / "splits.json").read_text())
-    splits = roles["dev"] + roles["spent"]       # never a held-out split
-    policy = SafetyPolicy.load()
-    examples = [e for split in splits for e in load_corpus(CORPUS / f"{split}.jsonl")]
-    rows = [hashed(features(policy.reader.read(e.text).text), DIM) for e in examples]
+    splits = roles["dev"] + roles["train"] + roles["spent"]       # never a held-out split
+    rules = read_toml(RULES_FILE, "safety rules")
+    rules["learned"]["enabled"] = False          # the rules and the reading alone: the model is what is made here
+    policy = SafetyPolicy(rules, str(RULES_FILE))
+    examples, split_of = [], []
+    for split in splits:
+        for e in load_corpus(CORPUS / f"{split}.jsonl"):
+            examples.append(e)
+            split_of.append(split)
+    readings = [policy.reader.read(e.text) for e in examples]
+    rows = [hashed(features(r.text), DIM) for r in readings]
+    hits = [policy.screen_rules.first(r) for r in readings]
+    rule_fired = np.array([h is not None for h in hits])
+    overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
     urgent = np.array([e.label != "ordinary" for e in examples], dtype=float)
     crisis = np.array([e.label == "crisis" for e in examples], dtype=float)
 
-    fold = np.random.default_rng(0).integers(0, 5, len(examples))
-    cv = np.zeros(len(examples))
-    for k in range(5):
-        train_rows = [r for r, f in zip(rows, fold, strict=True) if f != k]
-        w, b = train(train_rows, urgent[fold != k])
-        cv[fold == k] = predict([r for r, f in zip(rows, fold, strict=True) if f == k], w, b)
-    threshold = next(t for t in np.arange(0.50, 0.995, 0.01)
-                     if ((cv >= t) & (urgent == 0)).sum() / (urgent == 0).sum() <= MAX_CV_FALSE_TRIGGERS)
-    cv_recall = ((cv >= threshold) & (urgent == 1)).sum() / urgent.sum()
-
+    threshold, overrule_below, cv = cross_validate(rows, np.array(split_of), rule_fired, overrulable, urgent,
+                                                   roles["cross_validation"])
     w_urgent, b_urgent = train(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]
     w_crisis, b_crisis = train(urgent_rows, crisis[urgent == 1])
     np.savez_compressed(OUT, dim=DIM, w_urgent=w_urgent.astype(np.float16), b_urgent=b_urgent,
-                        w_crisis=w_crisis.astype(np.float16), b_crisis=b_crisis, threshold=round(float(threshold), 2),
-                        trained_on=np.array(splits), rules_version=policy.version)
-    print(f"{OUT}: {len(examples)} messages from {', '.join(splits)}; threshold {threshold:.2f} "
-          f"(5-fold CV: recall {cv_recall:.3f} at <= {MAX_CV_FALSE_TRIGGERS:.0%} false triggers)")
+                        w_crisis=w_crisis.astype(np.float16), b_crisis=b_crisis, threshold=threshold,
+                        overrule_below=overrule_below, trained_on=np.array(splits), rules_version=policy.version,
+                        cross_validation=json.dumps(cv))
+    print(f"{OUT}: {len(examples)} messages from {', '.join(splits)}; threshold {threshold:.2f}, rules overruled "
+          f"below {overrule_below}. Leave-one-author-out over {len(cv['folds'])} splits ({cv['messages']} messages): "
+          f"recall {cv['recall']:.3f}, false triggers {cv['false_trigger_rate']:.3f} (rules alone "
+          f"{cv['rules_alone_recall']:.3f}, {cv['rules_alone_false_trigger_rate']:.3f}); it overruled the rules on "
+          f"{cv['overruled_ordinary']} of {cv['ordinary']} ordinary messages and {cv['overruled_emergencies']} of "
+          f"{cv['emergencies']} emergencies")
 
 
 if __name__ == "__main__":

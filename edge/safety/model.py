@@ -1,7 +1,8 @@
-"""The learned backstop: a linear model over the words, word pairs and letter groups of a message
-(as ``text.py`` reads it), trained on the labelled corpus's tuned splits by
-``tools/train_safety_model.py``.  It can only add a firing the rules missed, never silence one:
-rules explain themselves by name, the model by the features that weighed most.
+"""The learned model: a linear model over the words, word pairs and letter groups of a message
+(as ``text.py`` reads it), trained on the labelled corpus's dev, train and spent splits by
+``tools/train_safety_model.py``.  It adds a firing the rules missed (at or above ``threshold``) and
+overrules a rule's firing only when it is all but sure the message is ordinary (below
+``overrule_below``): rules explain themselves by name, the model by the features that weighed most.
 
 Features are hashed (CRC-32, 2**18 buckets): word unigrams and bigrams, and 3- to 5-letter groups
 inside each word (so "braething" still shares most of its groups with "breathing").  Scores are
@@ -51,7 +52,7 @@ def hashed(names: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
 class Score:
     p_urgent: float          # probability that the message is an emergency or a crisis
     p_crisis: float          # given urgent: probability that it is a crisis rather than an emergency
-    top: tuple[str, ...]     # the features that pushed hardest towards urgent
+    features: list[str]      # the message's feature names (``LearnedScreen.strongest`` ranks them)
 
 
 class LearnedScreen:
@@ -63,6 +64,7 @@ class LearnedScreen:
             self.w_crisis = data["w_crisis"].astype(np.float32)
             self.b_crisis = float(data["b_crisis"])
             self.threshold = float(data["threshold"])
+            self.overrule_below = float(data["overrule_below"])
             self.trained_on = tuple(str(s) for s in data["trained_on"])
         if self.w.shape != (self.dim,) or self.w_crisis.shape != (self.dim,) or self.dim & (self.dim - 1):
             raise ValueError(f"{path}: weights do not match dim {self.dim}")
@@ -72,11 +74,15 @@ class LearnedScreen:
         idx, val = hashed(names, self.dim)
         z = float(val @ self.w[idx]) + self.b
         zc = float(val @ self.w_crisis[idx]) + self.b_crisis
+        return Score(_sigmoid(z), _sigmoid(zc), names)
+
+    def strongest(self, score: Score, towards_urgent: bool = True) -> tuple[str, ...]:
+        """The (at most four) features that pushed hardest towards urgent, or towards ordinary."""
+        sign = 1 if towards_urgent else -1
         contrib = {}
-        for name in names:
-            contrib.setdefault(name, self.w[_bucket(name) & (self.dim - 1)])
-        top = tuple(n for n, c in sorted(contrib.items(), key=lambda kv: -kv[1])[:4] if c > 0)
-        return Score(_sigmoid(z), _sigmoid(zc), top)
+        for name in score.features:
+            contrib.setdefault(name, sign * float(self.w[_bucket(name) & (self.dim - 1)]))
+        return tuple(n for n, c in sorted(contrib.items(), key=lambda kv: -kv[1])[:4] if c > 0)
 
 
 def _sigmoid(z: float) -> float:

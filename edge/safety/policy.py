@@ -1,8 +1,9 @@
 """The deterministic medical safety policy around the model.
 
 Before: the screen (``screen.py`` over ``text.py``'s reading; rules, lexicon and context markers in
-``data/safety_rules.toml``, versioned; ``model.py`` the learned backstop) short-circuits an emergency happening now to the fixed
-emergency message, and self-harm intent to the crisis message, without calling the model.  A message
+``data/safety_rules.toml``, versioned; ``model.py`` the learned model, which adds what the rules
+missed and overrules a rule only when all but sure) short-circuits an emergency happening now to the
+fixed emergency message, and self-harm intent to the crisis message, without calling the model.  A message
 mostly not in English gets a fixed notice with the emergency number instead of a silent pass.
 
 After: every answer carries the disclaimer; a cut answer is marked; empty or looping output is
@@ -89,11 +90,13 @@ class SafetyPolicy:
                                  reading.get("figures", []))
             self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
             self.reader.rule_stems = self.screen_rules.literal_stems()
-            self.learned = LearnedScreen(str(LEARNED_MODEL)) if data["learned"]["enabled"] else None
-            self.learned_frames = tuple(data["learned"]["not_when"])
-            unknown = set(self.learned_frames) - set(self.screen_rules.contexts)
+            learned = data["learned"]
+            self.learned = LearnedScreen(str(LEARNED_MODEL)) if learned["enabled"] else None
+            self.never_overruled = frozenset(learned["never_overrules"])
+            self.now_contexts = tuple(learned["not_overruled_when"])
+            unknown = set(self.now_contexts) - set(self.screen_rules.contexts)
             if unknown:
-                raise ValueError(f"[learned] not_when names unknown contexts {sorted(unknown)}")
+                raise ValueError(f"[learned] not_overruled_when names unknown contexts {sorted(unknown)}")
         except (KeyError, TypeError, ValueError, IndexError, re.error) as e:
             raise InputError(f"{source}: invalid safety rules ({type(e).__name__}: {e})") from None
         self.rules = self.screen_rules.rules
@@ -111,19 +114,32 @@ class SafetyPolicy:
 
     # -- before the model -------------------------------------------------------------------
 
-    def _decision(self, hit: Hit | None, reading: Reading, score: Score | None = None) -> Decision:
-        if hit is not None:
+    def overrulable(self, hit: Hit | None, reading: Reading) -> bool:
+        """Whether the learned model may overrule this firing: never for the categories that are an
+        emergency however they are told (something swallowed, not breathing, choking, self-harm), nor
+        in a message that says something is happening now."""
+        if hit is None or hit.rule.category in self.never_overruled:
+            return False
+        marks = self.screen_rules.marks(reading)
+        return not any(marks.spans(name) for name in self.now_contexts)
+
+    def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None) -> bool:
+        """A rule's firing that the learned model is all but sure is an ordinary message."""
+        return score is not None and score.p_urgent < self.learned.overrule_below and self.overrulable(hit, reading)
+
+    def _decision(self, hit: Hit | None, reading: Reading, score: Score | None) -> Decision:
+        if hit is not None and not self._overruled(hit, reading, score):
             rule = hit.rule
             return Decision(True, rule.id, rule.category, hit.matched, self.messages[rule.kind], self.version,
                             self.pre_model, rule.kind)
+        if self._not_english(reading):      # the learned model read English only: its score means nothing here
+            return Decision(False, LANGUAGE_RULE, "language", None, self.messages["not_english"], self.version,
+                            self.pre_model)
         if score is not None and score.p_urgent >= self.learned.threshold:
             kind = "crisis" if score.p_crisis >= 0.5 else "emergency"
             return Decision(True, LEARNED_RULE, "self_harm" if kind == "crisis" else "unclassified",
-                            ", ".join(f.split(":", 1)[1] for f in score.top), self.messages[kind], self.version,
-                            self.pre_model, kind)
-        if self._not_english(reading):
-            return Decision(False, LANGUAGE_RULE, "language", None, self.messages["not_english"], self.version,
-                            self.pre_model)
+                            ", ".join(f.split(":", 1)[1] for f in self.learned.strongest(score)), self.messages[kind],
+                            self.version, self.pre_model, kind)
         return Decision(False, None, None, None, None, self.version, self.pre_model)
 
     def _not_english(self, reading: Reading) -> bool:
@@ -133,32 +149,30 @@ class SafetyPolicy:
                 or reading.words >= self.min_words_for_language and reading.english_share < self.min_english_share
                 or foreign_fw >= 2 and foreign_fw > english_fw)
 
-    def _score(self, hit: Hit | None, reading: Reading) -> Score | None:
-        """The learned backstop, asked only when no rule fired and nothing frames the message as
-        past, habitual, a question about a topic, a vignette ...: it can add a firing, never remove one."""
-        if hit is not None or self.learned is None or self.screen_rules.framed(reading, self.learned_frames):
-            return None
-        return self.learned.score(reading.text)
+    def _score(self, reading: Reading) -> Score | None:
+        return None if self.learned is None else self.learned.score(reading.text)
 
     def check(self, question: str) -> Decision:
         reading = self.reader.read(_bounded(question))
-        hit = self.screen_rules.first(reading)
-        return self._decision(hit, reading, self._score(hit, reading))
+        return self._decision(self.screen_rules.first(reading), reading, self._score(reading))
 
     def explain(self, question: str) -> dict:
-        """Why: the reading, every candidate match and what suppressed it, and the decision."""
+        """Why: the reading, every candidate match and what suppressed it, the learned model's view,
+        and the decision."""
         reading = self.reader.read(_bounded(question))
         hits = self.screen_rules.hits(reading)
         fired = self.screen_rules.fired(hits)
-        score = self._score(fired, reading)
+        score = self._score(reading)
+        overruled = self._overruled(fired, reading, score)
         return {"canonical": reading.text, "corrections": reading.corrections,
                 "english_share": round(reading.english_share, 3),
                 "candidates": [{"rule": h.rule.id, "matched": h.matched,
                                 "suppressed_by": list(h.suppressed_by)} for h in hits],
-                "learned": None if score is None else {"p_urgent": round(score.p_urgent, 3),
-                                                        "p_crisis": round(score.p_crisis, 3),
-                                                        "threshold": self.learned.threshold,
-                                                        "top_features": list(score.top)},
+                "learned": None if score is None else {
+                    "p_urgent": round(score.p_urgent, 3), "p_crisis": round(score.p_crisis, 3),
+                    "threshold": self.learned.threshold, "overrule_below": self.learned.overrule_below,
+                    "overruled": fired.rule.id if overruled else None,
+                    "top_features": list(self.learned.strongest(score, towards_urgent=not overruled))},
                 "decision": self._decision(fired, reading, score).as_json()}
 
     def screen(self, question: str) -> Decision:

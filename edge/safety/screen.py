@@ -69,15 +69,21 @@ def _union(patterns: list[str]) -> re.Pattern:
     return re.compile("|".join(f"(?:{p})" for p in patterns))
 
 
+def _at_word_starts(patterns: list[str]) -> re.Pattern:
+    """Every finding and marker starts at the start of a word: saying so once up front spares the
+    regex engine trying each alternative inside every word (a fivefold speed-up)."""
+    return re.compile(f"(?<![a-z0-9])(?=[a-z0-9])(?:{_union(patterns).pattern})")
+
+
 class Screen:
     def __init__(self, context: dict, rules: list[dict], words: dict[str, str]):
         self.words = {name: f"(?:{alternation})" for name, alternation in words.items()}
-        self.hedges = _union(context["hedges"])
+        self.hedges = _at_word_starts(context["hedges"])
         self.contexts: dict[str, Context] = {}
         for name, spec in context["markers"].items():
             if spec["scope"] not in SCOPES:
                 raise ValueError(f"context {name}: scope {spec['scope']!r} is not one of {', '.join(SCOPES)}")
-            self.contexts[name] = Context(name, spec["scope"], _union(spec["patterns"]),
+            self.contexts[name] = Context(name, spec["scope"], _at_word_starts(spec["patterns"]),
                                           dict(spec.get("rescued_by", {})), spec.get("window_words"))
         for c in self.contexts.values():
             for other, scope in c.rescued_by.items():
@@ -100,11 +106,8 @@ class Screen:
             if m.group(1) not in self.words:
                 raise ValueError(f"pattern names unknown words {{{m.group(1)}}}")
             return self.words[m.group(1)]
-        # ".{0,40}" never reaches across a sentence: a gap in a pattern stays inside one.  Every
-        # finding starts at the start of a word: saying so once up front spares the regex engine
-        # trying each alternative inside every word (a fivefold speed-up on the rules).
-        body = _union([_NAMED.sub(word_class, p).replace(".{", _IN_SENTENCE + "{") for p in patterns]).pattern
-        return re.compile(f"(?<![a-z0-9])(?=[a-z0-9])(?:{body})")
+        # ".{0,40}" never reaches across a sentence: a gap in a pattern stays inside one.
+        return _at_word_starts([_NAMED.sub(word_class, p).replace(".{", _IN_SENTENCE + "{") for p in patterns])
 
     def literal_stems(self) -> list[str]:
         """The letter runs (5 or more) the rules are written with, sorted: words to keep as typed."""
@@ -189,14 +192,6 @@ class Screen:
                 if not suppressed:
                     return out
         return out
-
-    def framed(self, reading: Reading, frames: tuple[str, ...]) -> list[str]:
-        """Which of ``frames`` (past, habitual, ...) the message has anywhere, unless it also speaks of
-        something acute, happening now, or pleads: where a statistical guess is least safe."""
-        marks = self.marks(reading)
-        if marks.spans("present") or marks.spans("urgent") or marks.spans("acute"):
-            return []
-        return [name for name in frames if marks.spans(name)]
 
     @staticmethod
     def fired(hits: list[Hit]) -> Hit | None:
