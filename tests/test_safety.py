@@ -218,6 +218,10 @@ def test_short_circuit_off_for_evaluation():
     (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "crisis"\npatterns = ["{nowhere}"]\n',
      "unknown words"),
     (lambda text: text + "\n[[rule\n", "not valid TOML"),
+    (lambda text: text.replace('never_overrules = ["poisoning"', 'never_overrules = ["poisonning"', 1),
+     "never_overrules names categories no rule has: \\['poisonning'\\]"),
+    (lambda text: text.replace('not_overruled_when = ["present"', 'not_overruled_when = ["presnt"', 1),
+     "not_overruled_when names unknown contexts"),
 ])
 def test_bad_rules_file_is_refused_with_the_reason(tmp_path, breakage, message):
     bad = tmp_path / "rules.toml"

@@ -97,6 +97,9 @@ class SafetyPolicy:
             unknown = set(self.now_contexts) - set(self.screen_rules.contexts)
             if unknown:
                 raise ValueError(f"[learned] not_overruled_when names unknown contexts {sorted(unknown)}")
+            unknown = self.never_overruled - {rule.category for rule in self.screen_rules.rules}
+            if unknown:
+                raise ValueError(f"[learned] never_overrules names categories no rule has: {sorted(unknown)}")
         except (KeyError, TypeError, ValueError, IndexError, re.error) as e:
             raise InputError(f"{source}: invalid safety rules ({type(e).__name__}: {e})") from None
         self.rules = self.screen_rules.rules
