@@ -30,7 +30,7 @@ import torch
 from jee1.datafiles import read_toml
 from jee1.edge.safety import RULES_FILE, SafetyPolicy
 from jee1.edge.safety.corpus import load_corpus
-from jee1.edge.safety.model import features, hashed
+from jee1.edge.safety.model import hashed
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "data" / "safety"
@@ -125,7 +125,7 @@ def main() -> None:
             examples.append(e)
             split_of.append(split)
     readings = [policy.reader.read(e.text) for e in examples]
-    rows = [hashed(features(r.text), DIM) for r in readings]
+    rows = [hashed(r.text, DIM) for r in readings]
     hits = [policy.screen_rules.first(r) for r in readings]
     rule_fired = np.array([h is not None for h in hits])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])

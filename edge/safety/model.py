@@ -42,9 +42,20 @@ def _bucket(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-def hashed(names: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """(bucket indices, value each) of a message: each distinct bucket once, L2-normalised."""
-    idx = np.unique(np.fromiter((_bucket(n) & (dim - 1) for n in names), dtype=np.int64, count=len(names)))
+@lru_cache(maxsize=65536)
+def _word_buckets(word: str) -> tuple[int, ...]:
+    return tuple(_bucket(name) for name in _word_features(word))
+
+
+def hashed(canonical: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket indices, value each) of a message's ``features``: each distinct bucket once, sorted,
+    L2-normalised.  A word's buckets are cached whole: most of a message's features are letter groups."""
+    mask = dim - 1
+    words = _WORDS.findall(canonical)
+    ids = {_bucket(f"b:{a}_{b}") & mask for a, b in zip(words, words[1:], strict=False)}
+    for w in words:
+        ids.update(b & mask for b in _word_buckets(w))
+    idx = np.array(sorted(ids), dtype=np.int64)
     return idx, np.full(len(idx), 1.0 / np.sqrt(max(len(idx), 1)), dtype=np.float32)
 
 
@@ -52,7 +63,7 @@ def hashed(names: list[str], dim: int) -> tuple[np.ndarray, np.ndarray]:
 class Score:
     p_urgent: float          # probability that the message is an emergency or a crisis
     p_crisis: float          # given urgent: probability that it is a crisis rather than an emergency
-    features: list[str]      # the message's feature names (``LearnedScreen.strongest`` ranks them)
+    canonical: str           # the read message (``LearnedScreen.strongest`` ranks its features)
 
 
 class LearnedScreen:
@@ -70,17 +81,16 @@ class LearnedScreen:
             raise ValueError(f"{path}: weights do not match dim {self.dim}")
 
     def score(self, canonical: str) -> Score:
-        names = features(canonical)
-        idx, val = hashed(names, self.dim)
+        idx, val = hashed(canonical, self.dim)
         z = float(val @ self.w[idx]) + self.b
         zc = float(val @ self.w_crisis[idx]) + self.b_crisis
-        return Score(_sigmoid(z), _sigmoid(zc), names)
+        return Score(_sigmoid(z), _sigmoid(zc), canonical)
 
     def strongest(self, score: Score, towards_urgent: bool = True) -> tuple[str, ...]:
         """The (at most four) features that pushed hardest towards urgent, or towards ordinary."""
         sign = 1 if towards_urgent else -1
         contrib = {}
-        for name in score.features:
+        for name in features(score.canonical):
             contrib.setdefault(name, sign * float(self.w[_bucket(name) & (self.dim - 1)]))
         return tuple(n for n, c in sorted(contrib.items(), key=lambda kv: -kv[1])[:4] if c > 0)
 
