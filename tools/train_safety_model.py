@@ -4,7 +4,8 @@ splits of the labelled corpus (tests/data/safety/splits.json), never on a held-o
     python tools/train_safety_model.py
 
 Two logistic regressions over hashed features (edge/safety/model.py): urgent (emergency or crisis)
-against ordinary, class-balanced; and, among urgent messages, crisis against emergency.  Trained
+against ordinary, class-balanced, over features scaled by their naive-Bayes log-count ratio
+(NBSVM); and, among urgent messages, crisis against emergency.  Trained
 with torch (a test-time dependency only: the device reads the weights with numpy), Adam over
 shuffled mini-batches, fixed seed and one thread: the same data gives the same weights.
 
@@ -72,6 +73,24 @@ def train(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
     return w.weight.detach().numpy()[:, 0].copy(), float(b.item())
 
 
+def log_count_ratio(rows: list, y: np.ndarray) -> np.ndarray:
+    """Each bucket's naive-Bayes log-count ratio, urgent against ordinary, add-one smoothed."""
+    urgent, ordinary = np.ones(DIM), np.ones(DIM)
+    for (idx, _), label in zip(rows, y, strict=True):
+        (urgent if label else ordinary)[idx] += 1
+    return np.log((urgent / urgent.sum()) / (ordinary / ordinary.sum())).astype(np.float32)
+
+
+def train_urgent(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """The urgent head, NBSVM-style (Wang and Manning, 2012): the regression reads each feature
+    scaled by its log-count ratio, which in cross-validation caught more at fewer false triggers
+    than raw features.  The scale is folded into the weights, so the device scores exactly as
+    before: one dot product."""
+    ratio = log_count_ratio(rows, y)
+    w, b = train([(idx, val * ratio[idx]) for idx, val in rows], y)
+    return w * ratio, b
+
+
 def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
     return np.array([1 / (1 + math.exp(-(float(v @ w[i]) + b))) for i, v in rows])
 
@@ -86,7 +105,7 @@ def cross_validate(rows: list, split_of: np.ndarray, rule_fired: np.ndarray, ove
     p = np.full(len(rows), np.nan)
     for split in folds:
         held = split_of == split
-        w, b = train([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
+        w, b = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
         p[held] = predict([r for r, h in zip(rows, held, strict=True) if h], w, b)
         print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
     scored = ~np.isnan(p)
@@ -134,7 +153,7 @@ def main() -> None:
 
     threshold, overrule_below, cv = cross_validate(rows, np.array(split_of), rule_fired, overrulable, urgent,
                                                    roles["cross_validation"])
-    w_urgent, b_urgent = train(rows, urgent)
+    w_urgent, b_urgent = train_urgent(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]
     w_crisis, b_crisis = train(urgent_rows, crisis[urgent == 1])
     np.savez_compressed(OUT, dim=DIM, w_urgent=w_urgent.astype(np.float16), b_urgent=b_urgent,

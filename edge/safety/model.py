@@ -3,6 +3,7 @@
 ``tools/train_safety_model.py``.  It adds a firing the rules missed (at or above ``threshold``) and
 overrules a rule's firing only when it is all but sure the message is ordinary (below
 ``overrule_below``): rules explain themselves by name, the model by the features that weighed most.
+The urgent weights already include each feature's naive-Bayes scale (NBSVM, see the training tool).
 
 Features are hashed (CRC-32, 2**18 buckets): word unigrams and bigrams, and 3- to 5-letter groups
 inside each word (so "braething" still shares most of its groups with "breathing").  Scores are
