@@ -426,14 +426,15 @@ def safety_check(ctx, texts, rules, as_json, explain):
             click.echo(f"    read as: {why['canonical']}")
             if why["corrections"]:
                 click.echo("    spelling: " + ", ".join(f"{a} -> {b}" for a, b in why["corrections"].items()))
+            overruled = why["learned"] and why["learned"]["overruled"]
             for c in why["candidates"]:
-                silenced = ", ".join(c["suppressed_by"]) or "FIRED"
+                silenced = ", ".join(c["suppressed_by"]) or ("FIRED, overruled" if c["rule"] == overruled else "FIRED")
                 click.echo(f"    {c['rule']:<42} {c['matched']!r}: {silenced}")
             if why["learned"]:
                 lp = why["learned"]
                 towards = "ordinary" if lp["overruled"] else "urgent"
-                click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.2f} (fires at {lp['threshold']:.2f}, overrules a rule "
-                           f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.2f}; strongest towards {towards}: "
+                click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.3f} (fires at {lp['threshold']:.2f}, overrules a rule "
+                           f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards {towards}: "
                            f"{', '.join(lp['top_features']) or '-'}")
                 if lp["overruled"]:
                     click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message")

@@ -201,6 +201,22 @@ def test_a_rule_firing_is_overruled_only_when_the_model_is_all_but_sure_it_is_or
     assert result.exit_code == 0 and f"OVERRULED {fired[0]['rule']}" in result.output
 
 
+def test_the_learned_model_never_overrules_where_the_docs_say_it_cannot(monkeypatch):
+    """A protected finding anywhere in the message, a message that says something is happening now,
+    and a message mostly not in English keep their rule's firing, however sure the model is."""
+    from jee1.edge.safety.model import Score
+
+    policy = SafetyPolicy.load()
+    monkeypatch.setattr(policy.learned, "score", lambda canonical: Score(0.0, 0.0, canonical))
+    history = "My mum had an ectopic pregnancy before I was born and lost a tube"
+    assert policy.explain(history)["learned"]["overruled"] == "pregnancy.bleeding_or_pain"
+    for text in (history + ". Also my 2 year old swallowed a button battery an hour ago",   # found by a later rule
+                 history + " and right now I am bleeding heavily and the pain is terrible",
+                 "mein Mann hat anaphylaxis, sein Hals schwillt zu, was soll ich tun"):
+        why = policy.explain(text)
+        assert why["decision"]["red_flag"] and why["learned"]["overruled"] is None, why
+
+
 def test_short_circuit_off_for_evaluation():
     policy = SafetyPolicy.load(pre_model=False)
     decision = policy.screen("I can't breathe")
@@ -222,12 +238,35 @@ def test_short_circuit_off_for_evaluation():
      "never_overrules names categories no rule has: \\['poisonning'\\]"),
     (lambda text: text.replace('not_overruled_when = ["present"', 'not_overruled_when = ["presnt"', 1),
      "not_overruled_when names unknown contexts"),
+    (lambda text: text.replace('never_overrules = ["poisoning", "self_harm", "collapse", "choking"]',
+                               'never_overrules = "poisoning"', 1), "never_overrules must be a list of names"),
+    (lambda text: text.replace("[learned]\nenabled = true", '[learned]\nenabled = "no"', 1), "enabled must be true or false"),
 ])
 def test_bad_rules_file_is_refused_with_the_reason(tmp_path, breakage, message):
     bad = tmp_path / "rules.toml"
     bad.write_text(breakage(Path(str(RULES_FILE)).read_text(encoding="utf-8")))
     with pytest.raises(InputError, match=message):
         SafetyPolicy.load(bad)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip file", "npz without overrule_below"])
+def test_a_damaged_safety_model_is_refused_naming_the_model_file(tmp_path, monkeypatch, content):
+    import numpy as np
+
+    from jee1.edge.safety import policy as policy_module
+
+    bad = tmp_path / "safety_model.npz"
+    if isinstance(content, bytes):
+        bad.write_bytes(content)
+    else:
+        with np.load(str(policy_module.LEARNED_MODEL), allow_pickle=False) as data:
+            np.savez(bad, **{k: data[k] for k in data.files if k != "overrule_below"})
+    monkeypatch.setattr(policy_module, "LEARNED_MODEL", bad)
+    with pytest.raises(InputError, match=f"{bad}: not a safety model"):
+        SafetyPolicy.load()
+    monkeypatch.setattr(policy_module, "LEARNED_MODEL", tmp_path / "gone.npz")
+    with pytest.raises(InputError, match="gone.npz: cannot read the safety model"):
+        SafetyPolicy.load()
 
 
 def test_missing_rules_file_is_refused(tmp_path):

@@ -13,6 +13,7 @@ float32 dot products: deterministic on one machine.
 from __future__ import annotations
 
 import re
+import zipfile
 import zlib
 from dataclasses import dataclass
 from functools import lru_cache
@@ -20,7 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-_WORDS = re.compile(r"[a-z0-9]+")
+from jee1.errors import InputError
+
+_WORDS = re.compile(r"[a-z0-9]{1,40}")     # a longer run is read in 40-letter pieces: bounds the cache
 CHAR_GRAMS = (3, 4, 5)
 
 
@@ -32,18 +35,20 @@ def features(canonical: str) -> list[str]:
     return out
 
 
-@lru_cache(maxsize=65536)
+# The caches are sized for a device's working vocabulary, not for what an attacker can type: a word's
+# features are ~100 strings, its buckets ~100 ints.
+@lru_cache(maxsize=2048)
 def _word_features(word: str) -> tuple[str, ...]:
     padded = f"<{word}>"
     return (f"w:{word}", *(f"c:{padded[i:i + n]}" for n in CHAR_GRAMS for i in range(len(padded) - n + 1)))
 
 
-@lru_cache(maxsize=262144)
+@lru_cache(maxsize=65536)
 def _bucket(name: str) -> int:
     return zlib.crc32(name.encode())
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=8192)
 def _word_buckets(word: str) -> tuple[int, ...]:
     return tuple(_bucket(name) for name in _word_features(word))
 
@@ -69,17 +74,23 @@ class Score:
 
 class LearnedScreen:
     def __init__(self, path: Path | str):
-        with np.load(path, allow_pickle=False) as data:
-            self.dim = int(data["dim"])
-            self.w = data["w_urgent"].astype(np.float32)
-            self.b = float(data["b_urgent"])
-            self.w_crisis = data["w_crisis"].astype(np.float32)
-            self.b_crisis = float(data["b_crisis"])
-            self.threshold = float(data["threshold"])
-            self.overrule_below = float(data["overrule_below"])
-            self.trained_on = tuple(str(s) for s in data["trained_on"])
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self.dim = int(data["dim"])
+                self.w = data["w_urgent"].astype(np.float32)
+                self.b = float(data["b_urgent"])
+                self.w_crisis = data["w_crisis"].astype(np.float32)
+                self.b_crisis = float(data["b_crisis"])
+                self.threshold = float(data["threshold"])
+                self.overrule_below = float(data["overrule_below"])
+                self.trained_on = tuple(str(s) for s in data["trained_on"])
+        except OSError as e:
+            raise InputError(f"{path}: cannot read the safety model ({e.strerror or e})") from None
+        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            raise InputError(f"{path}: not a safety model ({type(e).__name__}: {e}); retrain: "
+                             "python tools/train_safety_model.py") from None
         if self.w.shape != (self.dim,) or self.w_crisis.shape != (self.dim,) or self.dim & (self.dim - 1):
-            raise ValueError(f"{path}: weights do not match dim {self.dim}")
+            raise InputError(f"{path}: weights do not match dim {self.dim}")
 
     def score(self, canonical: str) -> Score:
         idx, val = hashed(canonical, self.dim)

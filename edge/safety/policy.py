@@ -65,6 +65,13 @@ def _bounded(question: str) -> str:
     return question[:half] + "\n" + question[-half:]
 
 
+def _strings(table: dict, key: str) -> list[str]:
+    value = table[key]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key} must be a list of names, not {value!r}")
+    return value
+
+
 def _english_words() -> frozenset[str]:
     lines = ENGLISH_WORDS.read_text(encoding="utf-8").splitlines()
     return frozenset(w for w in lines if w and not w.startswith("#"))
@@ -91,9 +98,11 @@ class SafetyPolicy:
             self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
             self.reader.rule_stems = self.screen_rules.literal_stems()
             learned = data["learned"]
-            self.learned = LearnedScreen(str(LEARNED_MODEL)) if learned["enabled"] else None
-            self.never_overruled = frozenset(learned["never_overrules"])
-            self.now_contexts = tuple(learned["not_overruled_when"])
+            self.learned = LearnedScreen(str(LEARNED_MODEL)) if learned["enabled"] is True else None
+            self.never_overruled = frozenset(_strings(learned, "never_overrules"))
+            self.now_contexts = tuple(_strings(learned, "not_overruled_when"))
+            if not isinstance(learned["enabled"], bool):
+                raise ValueError(f"[learned] enabled must be true or false, not {learned['enabled']!r}")
             unknown = set(self.now_contexts) - set(self.screen_rules.contexts)
             if unknown:
                 raise ValueError(f"[learned] not_overruled_when names unknown contexts {sorted(unknown)}")
@@ -118,13 +127,15 @@ class SafetyPolicy:
     # -- before the model -------------------------------------------------------------------
 
     def overrulable(self, hit: Hit | None, reading: Reading) -> bool:
-        """Whether the learned model may overrule this firing: never for the categories that are an
-        emergency however they are told (something swallowed, not breathing, choking, self-harm), nor
-        in a message that says something is happening now."""
+        """Whether the learned model may overrule this firing: never in a message where a rule of the
+        categories that are an emergency however they are told (something swallowed, not breathing,
+        choking, self-harm) fires, wherever in the message; nor in one that says something is
+        happening now; nor in one mostly not in English (the model read English only)."""
         if hit is None or hit.rule.category in self.never_overruled:
             return False
         marks = self.screen_rules.marks(reading)
-        return not any(marks.spans(name) for name in self.now_contexts)
+        return not (any(marks.spans(name) for name in self.now_contexts) or self._not_english(reading)
+                    or self.screen_rules.first(reading, self.never_overruled) is not None)
 
     def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None) -> bool:
         """A rule's firing that the learned model is all but sure is an ordinary message."""

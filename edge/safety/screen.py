@@ -167,12 +167,14 @@ class Screen:
             reading.marks = _Marks(self, reading)
         return reading.marks
 
-    def hits(self, reading: Reading) -> list[Hit]:
-        """Every candidate match, rule by rule, with what suppressed it, up to the first that fired
-        (then the last one)."""
+    def hits(self, reading: Reading, categories: frozenset[str] | None = None) -> list[Hit]:
+        """Every candidate match, rule by rule (only the rules of ``categories`` if given), with what
+        suppressed it, up to the first that fired (then the last one)."""
         marks = self.marks(reading)
         out: list[Hit] = []
         for rule in self.rules:
+            if categories is not None and rule.category not in categories:
+                continue
             pos, tries = 0, 0
             while tries < MAX_MATCHES_PER_RULE and (m := rule.patterns.search(reading.text, pos)) is not None:
                 pos, tries = m.start() + 1, tries + 1   # a suppressed match must not hide one that overlaps it
@@ -197,8 +199,8 @@ class Screen:
     def fired(hits: list[Hit]) -> Hit | None:
         return hits[-1] if hits and not hits[-1].suppressed_by else None
 
-    def first(self, reading: Reading) -> Hit | None:
-        return self.fired(self.hits(reading))
+    def first(self, reading: Reading, categories: frozenset[str] | None = None) -> Hit | None:
+        return self.fired(self.hits(reading, categories))
 
 
 class _Marks:
