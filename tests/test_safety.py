@@ -362,6 +362,29 @@ def test_review_findings_stay_quiet(policy, text):
     assert policy.screen_rules.first(policy.reader.read(text)) is None, policy.explain(text)
 
 
+# Ordinary phrasings from the lists above (rules alone) on which the whole screen still fires, through
+# the learned model (docs/safety.md): kept here so that a retrained model's changes are seen.
+KNOWN_LEARNED_FALSE_TRIGGERS = {
+    "snoring and stopping breathing at night", "I ran 10 kms this morning and now my knee hurts",
+    "I've got an odd rash on my arm", "my sore throat is not responding to antibiotics",
+    "my son knocked out his front tooth playing football", "I don't get any chest pain, just a cough",
+    "does life insurance pay out for accidents abroad",
+    "ive got a whole box of paracetamol in the cupboard, how long does it keep",
+    "cant breathe through my nose with this cold", "my dad used to drink heavily and pass out",
+    "my temperature is 37.8 and i have a cold", "my son says it wasnt his fault he broke the window",
+    "my 3 year old ate a whole banana and now has tummy ache",
+    "the crash wasnt your fault, goodbye for now and drive safe",
+}
+
+
+def test_the_whole_screen_fires_on_the_quiet_phrasings_only_where_known(policy):
+    quiet = [*REVIEW_QUIET, *QUIET_WITH_ALARMING_WORDS, *(t for rule in RULES for t in rule.get("quiet", []))]
+    fired = {text for text in quiet if policy.check(text).red_flag}
+    assert fired == KNOWN_LEARNED_FALSE_TRIGGERS, (sorted(fired - KNOWN_LEARNED_FALSE_TRIGGERS),
+                                                   sorted(KNOWN_LEARNED_FALSE_TRIGGERS - fired))
+    assert all(policy.check(text).rule == "learned.backstop" for text in fired)
+
+
 @pytest.mark.parametrize("text", REVIEW_FIRES)
 def test_review_findings_fire(policy, text):
     assert policy.check(text).red_flag, policy.explain(text)
