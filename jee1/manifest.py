@@ -60,19 +60,23 @@ def create_file_atomic(path: str | Path, data: bytes, mode: int = 0o600) -> None
         Path(tmp).unlink(missing_ok=True)
 
 
-def write_json_atomic(path: str | Path, data: dict, mode: int = 0o644) -> None:
-    """Write JSON to a temporary file in the same directory, fsync, then rename over ``path``
-    (mode 0644 by default: a manifest is for everyone to read)."""
+def replace_file_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to a temporary file in the same directory, fsync, then rename over ``path``:
+    readers see the old file or the new one, never half of one."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=False)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json_atomic(path: str | Path, data: dict, mode: int = 0o644) -> None:
+    """``replace_file_atomic`` for JSON (mode 0644 by default: a manifest is for everyone to read)."""
+    replace_file_atomic(path, (json.dumps(data, indent=2, sort_keys=False) + "\n").encode("utf-8"), mode)

@@ -20,8 +20,8 @@ will meet, so that is what the threshold is chosen on; random folds of one autho
 
 from __future__ import annotations
 
+import io
 import json
-import math
 import sys
 from pathlib import Path
 
@@ -30,8 +30,9 @@ import torch
 
 from jee1.datafiles import read_toml
 from jee1.edge.safety import RULES_FILE, SafetyPolicy
-from jee1.edge.safety.corpus import load_corpus
-from jee1.edge.safety.model import hashed
+from jee1.edge.safety.corpus import load_corpus, seen_splits, split_roles
+from jee1.edge.safety.model import hashed, sigmoid
+from jee1.manifest import replace_file_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO / "tests" / "data" / "safety"
@@ -92,7 +93,7 @@ def train_urgent(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
-    return np.array([1 / (1 + math.exp(-(float(v @ w[i]) + b))) for i, v in rows])
+    return np.array([sigmoid(float(v @ w[i]) + b) for i, v in rows])
 
 
 def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, threshold: float,
@@ -133,8 +134,8 @@ def cross_validate(rows: list, split_of: np.ndarray, rule_fired: np.ndarray, ove
 
 def main() -> None:
     torch.set_num_threads(1)
-    roles = json.loads((CORPUS / "splits.json").read_text())
-    splits = roles["dev"] + roles["train"] + roles["spent"]       # never a held-out split
+    roles = split_roles(CORPUS)
+    splits = seen_splits(roles)
     rules = read_toml(RULES_FILE, "safety rules")
     rules["learned"]["enabled"] = False          # the rules and the reading alone: the model is what is made here
     policy = SafetyPolicy(rules, str(RULES_FILE))
@@ -156,10 +157,15 @@ def main() -> None:
     w_urgent, b_urgent = train_urgent(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]
     w_crisis, b_crisis = train(urgent_rows, crisis[urgent == 1])
-    np.savez_compressed(OUT, dim=DIM, w_urgent=w_urgent.astype(np.float16), b_urgent=b_urgent,
+    weights = io.BytesIO()
+    np.savez_compressed(weights, dim=DIM, w_urgent=w_urgent.astype(np.float16), b_urgent=b_urgent,
                         w_crisis=w_crisis.astype(np.float16), b_crisis=b_crisis, threshold=threshold,
                         overrule_below=overrule_below, trained_on=np.array(splits), rules_version=policy.version,
                         cross_validation=json.dumps(cv))
+    try:
+        replace_file_atomic(OUT, weights.getvalue())      # the device never sees half a model
+    except OSError as e:
+        sys.exit(f"{OUT}: cannot write the model ({e.strerror}); the old one is unchanged")
     print(f"{OUT}: {len(examples)} messages from {', '.join(splits)}; threshold {threshold:.2f}, rules overruled "
           f"below {overrule_below}. Leave-one-author-out over {len(cv['folds'])} splits ({cv['messages']} messages): "
           f"recall {cv['recall']:.3f}, false triggers {cv['false_trigger_rate']:.3f} (rules alone "
