@@ -22,14 +22,14 @@ import time
 from pathlib import Path
 
 from jee1.edge.safety import SafetyPolicy
-from jee1.edge.safety.corpus import load_corpus, measure
+from jee1.edge.safety.corpus import load_corpus, measure, seen_splits, split_roles
 
 CORPUS = Path(__file__).resolve().parents[1] / "tests" / "data" / "safety"
 SPLITS = tuple(sorted((p.stem for p in CORPUS.glob("*.jsonl")), key=lambda s: (s != "dev", s)))
-ROLES = json.loads((CORPUS / "splits.json").read_text())
+ROLES = split_roles(CORPUS)
 MARK = {**{s: "" for s in ROLES["dev"]}, **{s: "~" for s in ROLES["train"]}, **{s: "+" for s in ROLES["spent"]},
         **{s: "*" for s in ROLES["held_out"]}}
-SEEN = set(ROLES["dev"]) | set(ROLES["train"]) | set(ROLES["spent"])
+SEEN = set(seen_splits(ROLES))
 
 
 HELD_OUT_LINES = ("misses", "wrong_kind", "false_trigger_lines")

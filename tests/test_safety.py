@@ -12,12 +12,12 @@ from click.testing import CliRunner
 
 from jee1.edge.cli import main as jee1_cli
 from jee1.edge.safety import RULES_FILE, SafetyPolicy
-from jee1.edge.safety.corpus import load_corpus, measure
+from jee1.edge.safety.corpus import load_corpus, measure, seen_splits, split_roles
 from jee1.errors import InputError
 
 CORPUS = Path(__file__).parent / "data" / "safety"
 SPLITS = tuple(sorted((p.stem for p in CORPUS.glob("*.jsonl")), key=lambda s: (s != "dev", s)))
-SPLIT_ROLES = json.loads((CORPUS / "splits.json").read_text())
+SPLIT_ROLES = split_roles(CORPUS)
 DEV = tuple(s for s in SPLITS if s in SPLIT_ROLES["dev"])
 REPORTED = tuple(s for s in SPLITS if s not in SPLIT_ROLES["dev"])      # train, spent and held out: never asserted on
 ROLES = ("dev", "train", "spent", "held_out")
@@ -171,7 +171,7 @@ def test_the_learned_model_adds_overrules_only_when_sure_and_was_trained_on_seen
     from jee1.edge.safety.policy import LEARNED_MODEL
 
     with np.load(str(LEARNED_MODEL), allow_pickle=False) as data:
-        assert set(data["trained_on"]) == set(SPLIT_ROLES["dev"]) | set(SPLIT_ROLES["train"]) | set(SPLIT_ROLES["spent"])
+        assert set(data["trained_on"]) == set(seen_splits(SPLIT_ROLES))
         assert not set(data["trained_on"]) & set(SPLIT_ROLES["held_out"])
         assert str(data["rules_version"]) == policy.version, "retrain: python tools/train_safety_model.py"
         cv = json.loads(str(data["cross_validation"]))
@@ -186,6 +186,21 @@ def test_the_learned_model_adds_overrules_only_when_sure_and_was_trained_on_seen
     assert fired_by_rule["learned"]["overruled"] is None
     quiet = policy.explain("what is the capital of france")
     assert quiet["learned"]["p_urgent"] < quiet["learned"]["threshold"] and not quiet["decision"]["red_flag"]
+
+
+def test_the_hashed_buckets_are_the_named_features_buckets(policy):
+    """``hashed`` (what is trained and scored) and ``features`` (what --explain names) are built apart
+    for speed: they must be the same features, or the explanation names what the model never read."""
+    import numpy as np
+
+    from jee1.edge.safety.model import _bucket, features, hashed
+
+    dim = policy.learned.dim
+    for split in ("dev", "train3"):
+        for e in load_corpus(CORPUS / f"{split}.jsonl"):
+            canonical = policy.reader.read(e.text).text + " " + "x" * 95      # and a word past 40 letters
+            named = np.unique([_bucket(name) & (dim - 1) for name in features(canonical)])
+            assert np.array_equal(hashed(canonical, dim)[0], named), e.text
 
 
 def test_a_rule_firing_is_overruled_only_when_the_model_is_all_but_sure_it_is_ordinary(policy):

@@ -47,6 +47,23 @@ def load_corpus(path: str | Path) -> list[Example]:
     return out
 
 
+def split_roles(folder: str | Path) -> dict[str, list[str]]:
+    """A corpus folder's ``splits.json``: which splits are dev, train, spent or held out, and the
+    cross-validation folds (tests/data/safety/README.md)."""
+    path = Path(folder) / "splits.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise InputError(f"{path}: cannot read the split roles ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: not JSON ({e})") from None
+
+
+def seen_splits(roles: dict[str, list[str]]) -> list[str]:
+    """The splits one may read and train on: dev, train and spent, never a held-out one."""
+    return roles["dev"] + roles["train"] + roles["spent"]
+
+
 @dataclass
 class Figures:
     emergencies: int = 0

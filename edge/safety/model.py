@@ -96,7 +96,7 @@ class LearnedScreen:
         idx, val = hashed(canonical, self.dim)
         z = float(val @ self.w[idx]) + self.b
         zc = float(val @ self.w_crisis[idx]) + self.b_crisis
-        return Score(_sigmoid(z), _sigmoid(zc), canonical)
+        return Score(sigmoid(z), sigmoid(zc), canonical)
 
     def strongest(self, score: Score, towards_urgent: bool = True) -> tuple[str, ...]:
         """The (at most four) features that pushed hardest towards urgent, or towards ordinary."""
@@ -107,5 +107,5 @@ class LearnedScreen:
         return tuple(n for n, c in sorted(contrib.items(), key=lambda kv: -kv[1])[:4] if c > 0)
 
 
-def _sigmoid(z: float) -> float:
+def sigmoid(z: float) -> float:
     return float(1.0 / (1.0 + np.exp(-z)))

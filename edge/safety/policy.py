@@ -98,11 +98,10 @@ class SafetyPolicy:
             self.screen_rules = Screen(data["context"], data["rule"], data.get("words", {}))
             self.reader.rule_stems = self.screen_rules.literal_stems()
             learned = data["learned"]
-            self.learned = LearnedScreen(str(LEARNED_MODEL)) if learned["enabled"] is True else None
-            self.never_overruled = frozenset(_strings(learned, "never_overrules"))
-            self.now_contexts = tuple(_strings(learned, "not_overruled_when"))
             if not isinstance(learned["enabled"], bool):
                 raise ValueError(f"[learned] enabled must be true or false, not {learned['enabled']!r}")
+            self.never_overruled = frozenset(_strings(learned, "never_overrules"))
+            self.now_contexts = tuple(_strings(learned, "not_overruled_when"))
             unknown = set(self.now_contexts) - set(self.screen_rules.contexts)
             if unknown:
                 raise ValueError(f"[learned] not_overruled_when names unknown contexts {sorted(unknown)}")
@@ -111,6 +110,7 @@ class SafetyPolicy:
                 raise ValueError(f"[learned] never_overrules names categories no rule has: {sorted(unknown)}")
         except (KeyError, TypeError, ValueError, IndexError, re.error) as e:
             raise InputError(f"{source}: invalid safety rules ({type(e).__name__}: {e})") from None
+        self.learned = LearnedScreen(str(LEARNED_MODEL)) if learned["enabled"] else None   # its own errors name its file
         self.rules = self.screen_rules.rules
         self.pre_model = pre_model
 
