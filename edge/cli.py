@@ -436,8 +436,11 @@ def safety_check(ctx, texts, rules, as_json, explain):
                 click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.3f} (fires at {lp['threshold']:.2f}, overrules a rule "
                            f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards {towards}: "
                            f"{', '.join(lp['top_features']) or '-'}")
+                if lp["p_urgent_match_clause"] is not None:
+                    click.echo(f"    the clause the rule matched in, read alone: p(urgent) {lp['p_urgent_match_clause']:.3f}")
                 if lp["overruled"]:
-                    click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message")
+                    click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message, "
+                               "read whole and in that clause")
 
 
 @main.command(epilog=exit_codes(1, 2, 3))

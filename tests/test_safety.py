@@ -232,6 +232,44 @@ def test_the_learned_model_never_overrules_where_the_docs_say_it_cannot(monkeypa
         assert why["decision"]["red_flag"] and why["learned"]["overruled"] is None, why
 
 
+# An emergency followed by an exam-sounding question: the learned model reads the whole message as
+# ordinary (3.3.1 scored the first 0.001 and overruled its rule; its known blind spot: "which", "most
+# likely"), so a firing is overruled only when the clause the rule matched in, read alone, is ordinary
+# too, and never in a message of something happening now.  3.3.1 missed the first four.
+FINDING_WITH_EXAM_WORDS = [
+    "throat closing after peanuts, which antihistamine is best",
+    "my dad vomited a load of blood and feels faint, what is the most likely diagnosis",
+    "my son had a fit and it has lasted ten minutes, which drug is used",
+    "my baby 5 weeks has a temp of 38.6, what is the treatment",
+    "my dad is vomiting blood right now, what is the most likely diagnosis",
+    "my son is having a seizure right now, which is the most likely cause?",
+    "my husband is having crushing chest pain right now, which hospital should we go to?",
+    "im bleeding heavily right now from a cut on my leg, which dressing is best?",
+]
+
+
+@pytest.mark.parametrize("text", FINDING_WITH_EXAM_WORDS)
+def test_an_emergency_with_exam_words_keeps_its_firing(policy, text):
+    assert policy.check(text).red_flag, policy.explain(text)
+
+
+def test_the_model_overrules_only_when_the_matched_clause_alone_reads_ordinary_too(monkeypatch):
+    from jee1.edge.safety.model import Score
+
+    policy = SafetyPolicy.load()
+    text = "throat closing after peanuts, which antihistamine is best"
+    whole = policy.reader.read(text).text
+    clause_p = [0.9]
+    monkeypatch.setattr(policy.learned, "score",
+                        lambda canonical: Score(0.0 if canonical == whole else clause_p[0], 0.0, canonical))
+    why = policy.explain(text)
+    assert why["decision"]["red_flag"] and why["learned"]["overruled"] is None
+    assert why["learned"]["p_urgent"] == 0.0 and why["learned"]["p_urgent_match_clause"] == 0.9
+    clause_p[0] = 0.0
+    why = policy.explain(text)
+    assert why["learned"]["overruled"] == "anaphylaxis.swelling_or_reaction" and not why["decision"]["red_flag"]
+
+
 def test_short_circuit_off_for_evaluation():
     policy = SafetyPolicy.load(pre_model=False)
     decision = policy.screen("I can't breathe")
@@ -368,6 +406,9 @@ REVIEW_FIRES = [
     "cut my arm on a broken window and blood is spurting out",       # spelling must not rewrite words
     "he convulsed on the floor for five minutes",
     "my hr is 190 and i feel faint",
+    "sudden stabbing pain in my chest and i cant get air in, it came out of nowhere",   # not "it came out" (resolved)
+    "my son has stroke symptoms right now, his face is drooping",    # "symptoms" of his, not a topic search
+    "she has no breathing sounds and her lips are blue",
 ]
 
 
@@ -383,10 +424,9 @@ KNOWN_LEARNED_FALSE_TRIGGERS = {
     "snoring and stopping breathing at night", "I ran 10 kms this morning and now my knee hurts",
     "I've got an odd rash on my arm", "my sore throat is not responding to antibiotics",
     "my son knocked out his front tooth playing football", "I don't get any chest pain, just a cough",
-    "does life insurance pay out for accidents abroad",
     "ive got a whole box of paracetamol in the cupboard, how long does it keep",
     "cant breathe through my nose with this cold", "my dad used to drink heavily and pass out",
-    "my temperature is 37.8 and i have a cold", "my son says it wasnt his fault he broke the window",
+    "my son says it wasnt his fault he broke the window",
     "my 3 year old ate a whole banana and now has tummy ache",
     "the crash wasnt your fault, goodbye for now and drive safe",
 }
@@ -413,3 +453,20 @@ def test_no_message_holds_the_screen_for_long(policy, unit):
     started = time.perf_counter()
     policy.check(text)
     assert time.perf_counter() - started < 2.0     # ~0.2 s here; was 36 s at 8 KiB before the bound
+
+
+def test_the_operating_point_puts_recall_first():
+    """tools/train_safety_model.py's choice from its cross-validation grid of (recall, false triggers,
+    threshold, overrule level): the false-trigger budget buys recall, but never below the recall target."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_safety_model",
+                                                  Path(__file__).parents[1] / "tools" / "train_safety_model.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    budget, target = tool.MAX_CV_FALSE_TRIGGERS, tool.MIN_CV_RECALL
+    inside, outside = budget - 0.001, budget + 0.001
+    assert tool.choose([(target + 0.002, inside, 0.5, 0.1), (target + 0.005, outside, 0.4, 0.1)])[2] == 0.5
+    grid = [(target - 0.01, inside, 0.8, 0.1), (target + 0.001, outside, 0.6, 0.1), (target + 0.003, outside + 0.01, 0.4, 0.1)]
+    assert tool.choose(grid)[2] == 0.6             # within the budget only below the target: recall first
+    assert tool.choose([(target - 0.02, inside, 0.8, 0.1), (target - 0.01, outside, 0.6, 0.1)])[2] == 0.6

@@ -12,10 +12,12 @@ shuffled mini-batches, fixed seed and one thread: the same data gives the same w
 The firing threshold is chosen by leave-one-author-out cross-validation: each split in
 ``cross_validation`` (splits.json: the ones whose lines no rule was written against) is scored by a
 model trained on every other split, and the screen (the rules, unless the model is below
-``overrule_below`` where it may overrule them, plus the model at or above ``threshold``) is measured on them together.  The two
-figures are the pair, from a grid, that catches the most while keeping those false triggers at or
-under MAX_CV_FALSE_TRIGGERS.  A new author's messages are what the device
-will meet, so that is what the threshold is chosen on; random folds of one author's lines flatter it.
+``overrule_below`` on the message and on the clause the rule matched in, where it may overrule
+them; plus the model at or above ``threshold``) is measured on them together.  The two figures are
+the pair, from a grid, that catches the most while keeping those false triggers at or under
+MAX_CV_FALSE_TRIGGERS; what other budgets would buy is stored with them (``frontier``).  A new
+author's messages are what the device will meet, so that is what the threshold is chosen on; random
+folds of one author's lines flatter it.
 """
 
 from __future__ import annotations
@@ -39,9 +41,14 @@ CORPUS = REPO / "tests" / "data" / "safety"
 OUT = REPO / "edge" / "data" / "safety_model.npz"
 DIM = 1 << 18
 EPOCHS, BATCH, LEARNING_RATE, L2, SEED = 8, 64, 0.02, 1e-6, 0
-MAX_CV_FALSE_TRIGGERS = 0.02   # the target: more recall is bought with false triggers up to it, no further
+# More recall is bought with false triggers up to this budget, no further.  It is under the 2% target
+# because every new author's ordinary messages so far were harder than the cross-validation folds':
+# with the budget at 2% (3.3.x), the five fresh held-out splits gave 2.1-4.2% false triggers.
+MAX_CV_FALSE_TRIGGERS = 0.015
+MIN_CV_RECALL = 0.99           # the recall target: never bought back with false triggers
+FRONTIER_BUDGETS = (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025)
 THRESHOLDS = np.round(np.arange(0.30, 0.96, 0.01), 2)      # the model fires where no rule did at or above
-OVERRULE_BELOW = (0.02, 0.05, 0.10)                        # a rule's firing stands unless the model is below
+OVERRULE_BELOW = (0.02, 0.05, 0.10, 0.20, 0.30, 0.40)      # a rule's firing stands unless the model is below
 
 
 def _batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -96,31 +103,52 @@ def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
     return np.array([sigmoid(float(v @ w[i]) + b) for i, v in rows])
 
 
-def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, threshold: float,
+def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, p_clause: np.ndarray, threshold: float,
              overrule_below: float) -> np.ndarray:
-    return (rule_fired & ~(overrulable & (p < overrule_below))) | (p >= threshold)
+    """The screen's decision (SafetyPolicy.check): a rule's firing stands unless the model is below
+    ``overrule_below`` on the message and on the clause the rule matched in; the model fires at or
+    above ``threshold``."""
+    overruled = overrulable & (p < overrule_below) & (p_clause < overrule_below)
+    return (rule_fired & ~overruled) | (p >= threshold)
 
 
-def cross_validate(rows: list, split_of: np.ndarray, rule_fired: np.ndarray, overrulable: np.ndarray,
-                   urgent: np.ndarray, folds: list[str]) -> tuple[float, float, dict]:
-    p = np.full(len(rows), np.nan)
+def choose(grid: list[tuple]) -> tuple:
+    """The operating point, of (recall, false-trigger rate, threshold, overrule level): the most recall
+    within the false-trigger budget, if that reaches MIN_CV_RECALL; if not, recall comes first: the
+    fewest false triggers at MIN_CV_RECALL or more (or, failing that, the most recall).  Of equals,
+    the fewest false triggers, then the lowest overrule level (the grid's order)."""
+    most_recall = lambda g: (g[0], -g[1])          # noqa: E731
+    within = [g for g in grid if g[1] <= MAX_CV_FALSE_TRIGGERS]
+    if within and max(within, key=most_recall)[0] >= MIN_CV_RECALL:
+        return max(within, key=most_recall)
+    enough = [g for g in grid if g[0] >= MIN_CV_RECALL]
+    return min(enough, key=lambda g: (g[1], -g[0])) if enough else max(grid, key=most_recall)
+
+
+def cross_validate(rows: list, clause_rows: list, split_of: np.ndarray, rule_fired: np.ndarray,
+                   overrulable: np.ndarray, urgent: np.ndarray, folds: list[str]) -> tuple[float, float, dict]:
+    p, p_clause = np.full(len(rows), np.nan), np.ones(len(rows))
     for split in folds:
         held = split_of == split
         w, b = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
         p[held] = predict([r for r, h in zip(rows, held, strict=True) if h], w, b)
+        asked = np.flatnonzero(held & overrulable)
+        p_clause[asked] = predict([clause_rows[i] for i in asked], w, b)
         print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
     scored = ~np.isnan(p)
     ordinary, emergencies = scored & (urgent == 0), scored & (urgent == 1)
 
     def figures(threshold: float, overrule_below: float) -> tuple[float, float]:
-        fired = screened(rule_fired, overrulable, p, threshold, overrule_below)
+        fired = screened(rule_fired, overrulable, p, p_clause, threshold, overrule_below)
         return (fired & emergencies).sum() / emergencies.sum(), (fired & ordinary).sum() / ordinary.sum()
 
-    # the most recall within the false-trigger budget; of equals, the fewest false triggers
     grid = [(*figures(t, v), float(t), v) for v in OVERRULE_BELOW for t in THRESHOLDS]
-    within = [g for g in grid if g[1] <= MAX_CV_FALSE_TRIGGERS] or [min(grid, key=lambda g: g[1])]
-    recall, false_triggers, threshold, overrule_below = max(within, key=lambda g: (g[0], -g[1]))
-    overruled = rule_fired & overrulable & (p < overrule_below)
+    recall, false_triggers, threshold, overrule_below = choose(grid)
+    overruled = rule_fired & ~screened(rule_fired, overrulable, p, p_clause, 2.0, overrule_below)
+    frontier = {}       # what each false-trigger budget would buy: the trade-off the choice sits on
+    for budget in FRONTIER_BUDGETS:
+        best = max((g for g in grid if g[1] <= budget), key=lambda g: (g[0], -g[1]), default=None)
+        frontier[f"{budget:.4f}"] = best and [round(float(best[0]), 4), round(float(best[1]), 4), *best[2:]]
     rules_recall = (rule_fired & emergencies).sum() / emergencies.sum()
     rules_false = (rule_fired & ordinary).sum() / ordinary.sum()
     return threshold, overrule_below, {"folds": folds, "messages": int(scored.sum()), "recall": round(float(recall), 4),
@@ -129,7 +157,7 @@ def cross_validate(rows: list, split_of: np.ndarray, rule_fired: np.ndarray, ove
                        "rules_alone_false_trigger_rate": round(float(rules_false), 4),
                        "overruled_emergencies": int((overruled & emergencies).sum()),
                        "overruled_ordinary": int((overruled & ordinary).sum()),
-                       "emergencies": int(emergencies.sum()), "ordinary": int(ordinary.sum())}
+                       "emergencies": int(emergencies.sum()), "ordinary": int(ordinary.sum()), "frontier": frontier}
 
 
 def main() -> None:
@@ -147,13 +175,14 @@ def main() -> None:
     readings = [policy.reader.read(e.text) for e in examples]
     rows = [hashed(r.text, DIM) for r in readings]
     hits = [policy.screen_rules.first(r) for r in readings]
+    clause_rows = [hashed(policy.match_clause(h, r), DIM) if h else None for h, r in zip(hits, readings, strict=True)]
     rule_fired = np.array([h is not None for h in hits])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
     urgent = np.array([e.label != "ordinary" for e in examples], dtype=float)
     crisis = np.array([e.label == "crisis" for e in examples], dtype=float)
 
-    threshold, overrule_below, cv = cross_validate(rows, np.array(split_of), rule_fired, overrulable, urgent,
-                                                   roles["cross_validation"])
+    threshold, overrule_below, cv = cross_validate(rows, clause_rows, np.array(split_of), rule_fired, overrulable,
+                                                   urgent, roles["cross_validation"])
     w_urgent, b_urgent = train_urgent(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]
     w_crisis, b_crisis = train(urgent_rows, crisis[urgent == 1])

@@ -137,9 +137,23 @@ class SafetyPolicy:
         return not (any(marks.spans(name) for name in self.now_contexts) or self._not_english(reading)
                     or self.screen_rules.first(reading, self.never_overruled) is not None)
 
+    @staticmethod
+    def match_clause(hit: Hit, reading: Reading) -> str:
+        """The clause the rule matched in, as the model reads it alone."""
+        start, end = reading.clause(hit.start)
+        return reading.text[start:end]
+
+    def _clause_score(self, hit: Hit | None, reading: Reading) -> Score | None:
+        return None if hit is None or self.learned is None else self.learned.score(self.match_clause(hit, reading))
+
     def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None) -> bool:
-        """A rule's firing that the learned model is all but sure is an ordinary message."""
-        return score is not None and score.p_urgent < self.learned.overrule_below and self.overrulable(hit, reading)
+        """A rule's firing that the learned model is all but sure is an ordinary message: read whole, and
+        read as the clause the rule matched in alone.  The second reading is what keeps an exam-sounding
+        question ("which antihistamine is best?", p 0.001 whole) from outweighing the finding before it
+        ("throat closing after peanuts", p 0.86 alone)."""
+        below = self.learned.overrule_below if self.learned is not None else 0.0
+        return (score is not None and score.p_urgent < below and self.overrulable(hit, reading)
+                and self._clause_score(hit, reading).p_urgent < below)
 
     def _decision(self, hit: Hit | None, reading: Reading, score: Score | None) -> Decision:
         if hit is not None and not self._overruled(hit, reading, score):
@@ -177,6 +191,7 @@ class SafetyPolicy:
         hits = self.screen_rules.hits(reading)
         fired = self.screen_rules.fired(hits)
         score = self._score(reading)
+        clause = self._clause_score(fired, reading)
         overruled = self._overruled(fired, reading, score)
         return {"canonical": reading.text, "corrections": reading.corrections,
                 "english_share": round(reading.english_share, 3),
@@ -184,6 +199,7 @@ class SafetyPolicy:
                                 "suppressed_by": list(h.suppressed_by)} for h in hits],
                 "learned": None if score is None else {
                     "p_urgent": round(score.p_urgent, 3), "p_crisis": round(score.p_crisis, 3),
+                    "p_urgent_match_clause": None if clause is None else round(clause.p_urgent, 3),
                     "threshold": self.learned.threshold, "overrule_below": self.learned.overrule_below,
                     "overruled": fired.rule.id if overruled else None,
                     "top_features": list(self.learned.strongest(score, towards_urgent=not overruled))},

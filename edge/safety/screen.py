@@ -154,7 +154,7 @@ class Screen:
     def _with(self, rule: Rule, marks: "_Marks") -> str | None:
         """A second finding anywhere in the message, not negated (it may lie inside the first: "throat
         is closing" is both a swelling and a throat; a rule's ``with`` must not list its own weak words)."""
-        for m in rule.with_.finditer(marks.reading.text):
+        for m in rule.with_.finditer(marks.masked):        # a hedged "call 999 if ..." is no finding
             if not self._present(marks, "negation", m.start()):
                 return m.group(0)
         return None
