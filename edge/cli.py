@@ -437,10 +437,10 @@ def safety_check(ctx, texts, rules, as_json, explain):
                            f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards {towards}: "
                            f"{', '.join(lp['top_features']) or '-'}")
                 if lp["p_urgent_match_clause"] is not None:
-                    click.echo(f"    the clause the rule matched in, read alone: p(urgent) {lp['p_urgent_match_clause']:.3f}")
+                    click.echo(f"    the rule's evidence (its clause up to the match), read alone: p(urgent) {lp['p_urgent_match_clause']:.3f}")
                 if lp["overruled"]:
                     click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message, "
-                               "read whole and in that clause")
+                               "read whole and its evidence alone")
 
 
 @main.command(epilog=exit_codes(1, 2, 3))

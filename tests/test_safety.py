@@ -204,13 +204,17 @@ def test_the_hashed_buckets_are_the_named_features_buckets(policy):
 
 
 def test_a_rule_firing_is_overruled_only_when_the_model_is_all_but_sure_it_is_ordinary(policy):
-    """Someone else's settled history (a train1 line): the pregnancy rule's context markers miss it,
-    the learned model is all but sure, and the explanation says so."""
-    text = "My mum had an ectopic pregnancy before I was born and lost a tube. Does that make me more likely to have one?"
+    """A long-known, diagnosed pattern (a train1 line): the stroke rule's context markers miss it, the
+    learned model is all but sure of the message and of the rule's evidence, and the explanation says so."""
+    text = ("I get migraines with aura where one side of my face tingles and my words come out wrong for about "
+            "twenty minutes before the headache starts. Been like this since I was a teenager and a neurologist "
+            "has seen it. Is the combined pill safe for me?")
     why = policy.explain(text)
     fired = [c for c in why["candidates"] if not c["suppressed_by"]]
     assert fired and why["learned"]["overruled"] == fired[0]["rule"]
-    assert why["learned"]["p_urgent"] < why["learned"]["overrule_below"] and not why["decision"]["red_flag"]
+    below = why["learned"]["overrule_below"]
+    assert why["learned"]["p_urgent"] < below and why["learned"]["p_urgent_match_clause"] < below
+    assert not why["decision"]["red_flag"]
     assert not policy.check(text).red_flag
     result = CliRunner().invoke(jee1_cli, ["safety-check", "--explain", text])
     assert result.exit_code == 0 and f"OVERRULED {fired[0]['rule']}" in result.output
@@ -406,9 +410,24 @@ REVIEW_FIRES = [
     "cut my arm on a broken window and blood is spurting out",       # spelling must not rewrite words
     "he convulsed on the floor for five minutes",
     "my hr is 190 and i feel faint",
-    "sudden stabbing pain in my chest and i cant get air in, it came out of nowhere",   # not "it came out" (resolved)
-    "my son has stroke symptoms right now, his face is drooping",    # "symptoms" of his, not a topic search
+    "sudden stabbing pain in my chest and i cant get air in, it came out of nowhere",
+    "my son has stroke symptoms right now, his face is drooping",
     "she has no breathing sounds and her lips are blue",
+    # a review of 3.4.0: each was silenced by it (3.5.0 fires on all)
+    "dad has crushing chest pain sweaty is that normal",             # one clause: overruled at 0.4
+    "hubby vomitted blood after drinking is that bad",
+    "my daughter has a rash that doesnt fade with a glass could it be a virus",
+    "my stool was black, and i feel faint, what causes it",          # the second finding in another clause
+    "type 1 diabetic husband sugar 2.2 not himself what do i do",    # a hedge erased the second finding
+    "my daughter is 6 and has never had a fit before, she had one at school that lasted a minute",
+    "my son is having a seizure, when should I call an ambulance?",  # advice about calling, happening now
+    "the baby swallowed a magnet off the fridge, are magnets a hazard",   # "hazard" as a knowledge word
+    "pt 68M crushing central chest pain radiating to jaw, sweaty, vs hr 110 bp 90/60, what next",   # vital signs
+    "mum stroke symptoms face drooping",
+    "my 3 week old had a temp of 37.6 and it shot up to 38.3 after her feed",   # "it shot up" as "it came out"
+    "swallowed some bleach and brought it back up",
+    "he stopped breathing concerns me hes blue",                     # lookaheads that reached too far
+    "he wont wake up with the alarm or when i shake him",
 ]
 
 
@@ -470,3 +489,20 @@ def test_the_operating_point_puts_recall_first():
     grid = [(target - 0.01, inside, 0.8, 0.1), (target + 0.001, outside, 0.6, 0.1), (target + 0.003, outside + 0.01, 0.4, 0.1)]
     assert tool.choose(grid)[2] == 0.6             # within the budget only below the target: recall first
     assert tool.choose([(target - 0.02, inside, 0.8, 0.1), (target - 0.01, outside, 0.6, 0.1)])[2] == 0.6
+
+
+def test_the_rule_evidence_the_model_reads_is_its_clause_up_to_the_match(policy):
+    """An unpunctuated message is one clause: the evidence stops at the match, so a trailing
+    question ("is that normal") cannot make the finding read as ordinary."""
+    reading = policy.reader.read("dad has crushing chest pain sweaty is that normal")
+    hit = policy.screen_rules.first(reading)
+    evidence = policy.match_clause(hit, reading)
+    assert reading.text.startswith(evidence) and "crushing" in evidence and "normal" not in evidence
+    reading = policy.reader.read("we had a lovely day out, then my dad got crushing chest pain and went grey")
+    hit = policy.screen_rules.first(reading)
+    assert not policy.match_clause(hit, reading).startswith("we had")
+
+
+def test_an_overdose_with_a_wish_not_to_be_helped_gets_the_crisis_message(policy):
+    decision = policy.check("i took all 30 of my sleeping pills, dont call an ambulance when you see this")
+    assert decision.red_flag and decision.kind == "crisis", decision

@@ -12,7 +12,7 @@ shuffled mini-batches, fixed seed and one thread: the same data gives the same w
 The firing threshold is chosen by leave-one-author-out cross-validation: each split in
 ``cross_validation`` (splits.json: the ones whose lines no rule was written against) is scored by a
 model trained on every other split, and the screen (the rules, unless the model is below
-``overrule_below`` on the message and on the clause the rule matched in, where it may overrule
+``overrule_below`` on the message and on the rule's evidence read alone, where it may overrule
 them; plus the model at or above ``threshold``) is measured on them together.  The two figures are
 the pair, from a grid, that catches the most while keeping those false triggers at or under
 MAX_CV_FALSE_TRIGGERS; what other budgets would buy is stored with them (``frontier``).  A new
@@ -48,7 +48,10 @@ MAX_CV_FALSE_TRIGGERS = 0.015
 MIN_CV_RECALL = 0.99           # the recall target: never bought back with false triggers
 FRONTIER_BUDGETS = (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025)
 THRESHOLDS = np.round(np.arange(0.30, 0.96, 0.01), 2)      # the model fires where no rule did at or above
-OVERRULE_BELOW = (0.02, 0.05, 0.10, 0.20, 0.30, 0.40)      # a rule's firing stands unless the model is below
+# A rule's firing stands unless the model is below this: "all but sure".  Capped at 0.1 by choice, not
+# by the cross-validation, which would go higher: 3.4.0's 0.4 silenced unpunctuated emergencies that
+# 3.3.1 caught ("dad has crushing chest pain sweaty is that normal", p 0.06), found by a review.
+OVERRULE_BELOW = (0.02, 0.05, 0.10)
 
 
 def _batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -106,7 +109,7 @@ def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
 def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, p_clause: np.ndarray, threshold: float,
              overrule_below: float) -> np.ndarray:
     """The screen's decision (SafetyPolicy.check): a rule's firing stands unless the model is below
-    ``overrule_below`` on the message and on the clause the rule matched in; the model fires at or
+    ``overrule_below`` on the message and on the rule's evidence read alone; the model fires at or
     above ``threshold``."""
     overruled = overrulable & (p < overrule_below) & (p_clause < overrule_below)
     return (rule_fired & ~overruled) | (p >= threshold)

@@ -139,18 +139,20 @@ class SafetyPolicy:
 
     @staticmethod
     def match_clause(hit: Hit, reading: Reading) -> str:
-        """The clause the rule matched in, as the model reads it alone."""
-        start, end = reading.clause(hit.start)
-        return reading.text[start:end]
+        """The rule's evidence as the model reads it alone: its clause, from the clause's start to the
+        end of the match (an unpunctuated message is one clause: "dad has crushing chest pain sweaty
+        is that normal" is read as "dad has crushing chest pain")."""
+        start, _ = reading.clause(hit.start)
+        return reading.text[start:hit.end]
 
     def _clause_score(self, hit: Hit | None, reading: Reading) -> Score | None:
         return None if hit is None or self.learned is None else self.learned.score(self.match_clause(hit, reading))
 
     def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None) -> bool:
         """A rule's firing that the learned model is all but sure is an ordinary message: read whole, and
-        read as the clause the rule matched in alone.  The second reading is what keeps an exam-sounding
-        question ("which antihistamine is best?", p 0.001 whole) from outweighing the finding before it
-        ("throat closing after peanuts", p 0.86 alone)."""
+        read as the rule's evidence alone (``match_clause``).  The second reading is what keeps an
+        exam-sounding question ("which antihistamine is best?", p 0.001 whole) from outweighing the
+        finding before it ("throat closing after peanuts", p 0.86 alone)."""
         below = self.learned.overrule_below if self.learned is not None else 0.0
         return (score is not None and score.p_urgent < below and self.overrulable(hit, reading)
                 and self._clause_score(hit, reading).p_urgent < below)

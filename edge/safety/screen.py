@@ -63,6 +63,7 @@ class Hit:
     matched: str
     start: int
     suppressed_by: tuple[str, ...]      # empty: it fired
+    end: int = -1                       # where the rule's own match ends (its second finding may lie elsewhere)
 
 
 def _union(patterns: list[str]) -> re.Pattern:
@@ -154,7 +155,7 @@ class Screen:
     def _with(self, rule: Rule, marks: "_Marks") -> str | None:
         """A second finding anywhere in the message, not negated (it may lie inside the first: "throat
         is closing" is both a swelling and a throat; a rule's ``with`` must not list its own weak words)."""
-        for m in rule.with_.finditer(marks.masked):        # a hedged "call 999 if ..." is no finding
+        for m in rule.with_.finditer(marks.reading.text):
             if not self._present(marks, "negation", m.start()):
                 return m.group(0)
         return None
@@ -190,7 +191,7 @@ class Screen:
                         suppressed = ("no_second_finding",)
                     else:
                         matched = f"{matched} + {second}"
-                out.append(Hit(rule, matched, m.start(), suppressed))
+                out.append(Hit(rule, matched, m.start(), suppressed, m.end()))
                 if not suppressed:
                     return out
         return out
