@@ -436,8 +436,9 @@ def safety_check(ctx, texts, rules, as_json, explain):
                 click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.3f} (fires at {lp['threshold']:.2f}, overrules a rule "
                            f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards {towards}: "
                            f"{', '.join(lp['top_features']) or '-'}")
-                if lp["p_urgent_match_clause"] is not None:
-                    click.echo(f"    the rule's evidence (its clause up to the match), read alone: p(urgent) {lp['p_urgent_match_clause']:.3f}")
+                if lp["p_urgent_evidence"] is not None:
+                    click.echo(f"    the rule's evidence (its clause up to the match, and its second finding's), read alone: "
+                               f"p(urgent) {lp['p_urgent_evidence']:.3f}")
                 if lp["overruled"]:
                     click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message, "
                                "read whole and its evidence alone")

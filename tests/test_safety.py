@@ -213,7 +213,7 @@ def test_a_rule_firing_is_overruled_only_when_the_model_is_all_but_sure_it_is_or
     fired = [c for c in why["candidates"] if not c["suppressed_by"]]
     assert fired and why["learned"]["overruled"] == fired[0]["rule"]
     below = why["learned"]["overrule_below"]
-    assert why["learned"]["p_urgent"] < below and why["learned"]["p_urgent_match_clause"] < below
+    assert why["learned"]["p_urgent"] < below and why["learned"]["p_urgent_evidence"] < below
     assert not why["decision"]["red_flag"]
     assert not policy.check(text).red_flag
     result = CliRunner().invoke(jee1_cli, ["safety-check", "--explain", text])
@@ -268,7 +268,7 @@ def test_the_model_overrules_only_when_the_matched_clause_alone_reads_ordinary_t
                         lambda canonical: Score(0.0 if canonical == whole else clause_p[0], 0.0, canonical))
     why = policy.explain(text)
     assert why["decision"]["red_flag"] and why["learned"]["overruled"] is None
-    assert why["learned"]["p_urgent"] == 0.0 and why["learned"]["p_urgent_match_clause"] == 0.9
+    assert why["learned"]["p_urgent"] == 0.0 and why["learned"]["p_urgent_evidence"] == 0.9
     clause_p[0] = 0.0
     why = policy.explain(text)
     assert why["learned"]["overruled"] == "anaphylaxis.swelling_or_reaction" and not why["decision"]["red_flag"]
@@ -428,6 +428,14 @@ REVIEW_FIRES = [
     "swallowed some bleach and brought it back up",
     "he stopped breathing concerns me hes blue",                     # lookaheads that reached too far
     "he wont wake up with the alarm or when i shake him",
+    # a second review (of 3.5.0): kept patterns that silenced rules, and what the model alone missed
+    "the hospital scanned my dads heart last month, it was ok. hes got crushing chest pain and hes grey and sweaty",
+    "our daughter is in icu on a ventilator after meningitis. our son now has a temperature and spots that dont fade when i press a glass on them",
+    "my toddler drank some bleach and coughed it straight up",
+    "my son swallowed a button battery and coughed it right up, is that ok?",
+    "my daughter swallowed a sewing needle",
+    "my son swallowed a fish hook",
+    "what counts as a fever in a baby? my son is 2 months, his temp is 38.5",
 ]
 
 
@@ -493,14 +501,16 @@ def test_the_operating_point_puts_recall_first():
 
 def test_the_rule_evidence_the_model_reads_is_its_clause_up_to_the_match(policy):
     """An unpunctuated message is one clause: the evidence stops at the match, so a trailing
-    question ("is that normal") cannot make the finding read as ordinary."""
+    question ("is that normal") cannot make the finding read as ordinary; a rule's second finding
+    is read too (the infant-fever rule's "mine is 7 weeks" alone reads ordinary)."""
     reading = policy.reader.read("dad has crushing chest pain sweaty is that normal")
     hit = policy.screen_rules.first(reading)
-    evidence = policy.match_clause(hit, reading)
+    evidence = policy.evidence(hit, reading)[0]           # the match's own; then its second finding's
     assert reading.text.startswith(evidence) and "crushing" in evidence and "normal" not in evidence
-    reading = policy.reader.read("we had a lovely day out, then my dad got crushing chest pain and went grey")
+    reading = policy.reader.read("how high a temperature is too high for a baby? mine is 7 weeks, 38.5")
     hit = policy.screen_rules.first(reading)
-    assert not policy.match_clause(hit, reading).startswith("we had")
+    assert hit.rule.id == "infant.fever_or_floppy" and len(policy.evidence(hit, reading)) >= 2
+    assert policy.check("how high a temperature is too high for a baby? mine is 7 weeks, 38.5").red_flag
 
 
 def test_an_overdose_with_a_wish_not_to_be_helped_gets_the_crisis_message(policy):

@@ -128,15 +128,15 @@ def choose(grid: list[tuple]) -> tuple:
     return min(enough, key=lambda g: (g[1], -g[0])) if enough else max(grid, key=most_recall)
 
 
-def cross_validate(rows: list, clause_rows: list, split_of: np.ndarray, rule_fired: np.ndarray,
+def cross_validate(rows: list, evidence_rows: list, split_of: np.ndarray, rule_fired: np.ndarray,
                    overrulable: np.ndarray, urgent: np.ndarray, folds: list[str]) -> tuple[float, float, dict]:
     p, p_clause = np.full(len(rows), np.nan), np.ones(len(rows))
     for split in folds:
         held = split_of == split
         w, b = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
         p[held] = predict([r for r, h in zip(rows, held, strict=True) if h], w, b)
-        asked = np.flatnonzero(held & overrulable)
-        p_clause[asked] = predict([clause_rows[i] for i in asked], w, b)
+        for i in np.flatnonzero(held & overrulable):       # the most urgent reading of the rule's evidence
+            p_clause[i] = predict(evidence_rows[i], w, b).max()
         print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
     scored = ~np.isnan(p)
     ordinary, emergencies = scored & (urgent == 0), scored & (urgent == 1)
@@ -178,13 +178,14 @@ def main() -> None:
     readings = [policy.reader.read(e.text) for e in examples]
     rows = [hashed(r.text, DIM) for r in readings]
     hits = [policy.screen_rules.first(r) for r in readings]
-    clause_rows = [hashed(policy.match_clause(h, r), DIM) if h else None for h, r in zip(hits, readings, strict=True)]
+    evidence_rows = [[hashed(text, DIM) for text in policy.evidence(h, r)] if h else None
+                     for h, r in zip(hits, readings, strict=True)]
     rule_fired = np.array([h is not None for h in hits])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
     urgent = np.array([e.label != "ordinary" for e in examples], dtype=float)
     crisis = np.array([e.label == "crisis" for e in examples], dtype=float)
 
-    threshold, overrule_below, cv = cross_validate(rows, clause_rows, np.array(split_of), rule_fired, overrulable,
+    threshold, overrule_below, cv = cross_validate(rows, evidence_rows, np.array(split_of), rule_fired, overrulable,
                                                    urgent, roles["cross_validation"])
     w_urgent, b_urgent = train_urgent(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]

@@ -138,24 +138,28 @@ class SafetyPolicy:
                     or self.screen_rules.first(reading, self.never_overruled) is not None)
 
     @staticmethod
-    def match_clause(hit: Hit, reading: Reading) -> str:
-        """The rule's evidence as the model reads it alone: its clause, from the clause's start to the
-        end of the match (an unpunctuated message is one clause: "dad has crushing chest pain sweaty
-        is that normal" is read as "dad has crushing chest pain")."""
-        start, _ = reading.clause(hit.start)
-        return reading.text[start:hit.end]
+    def evidence(hit: Hit, reading: Reading) -> list[str]:
+        """The rule's evidence as the model reads it alone: the match's clause from its start to the end
+        of the match (an unpunctuated message is one clause: "dad has crushing chest pain sweaty is that
+        normal" is read as "dad has crushing chest"), and the same for each of its second findings
+        ("my son is 2 months" alone reads ordinary; "his temp is 38.5" does not)."""
+        spans = [(hit.start, hit.end), *hit.seconds]
+        return [reading.text[reading.clause(start)[0]:end] for start, end in spans]
 
-    def _clause_score(self, hit: Hit | None, reading: Reading) -> Score | None:
-        return None if hit is None or self.learned is None else self.learned.score(self.match_clause(hit, reading))
+    def _evidence_score(self, hit: Hit | None, reading: Reading) -> float | None:
+        """The most urgent of the evidence's readings."""
+        if hit is None or self.learned is None:
+            return None
+        return max(self.learned.score(text).p_urgent for text in self.evidence(hit, reading))
 
     def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None) -> bool:
         """A rule's firing that the learned model is all but sure is an ordinary message: read whole, and
-        read as the rule's evidence alone (``match_clause``).  The second reading is what keeps an
+        read as the rule's evidence alone (``evidence``).  The second reading is what keeps an
         exam-sounding question ("which antihistamine is best?", p 0.001 whole) from outweighing the
         finding before it ("throat closing after peanuts", p 0.86 alone)."""
         below = self.learned.overrule_below if self.learned is not None else 0.0
         return (score is not None and score.p_urgent < below and self.overrulable(hit, reading)
-                and self._clause_score(hit, reading).p_urgent < below)
+                and self._evidence_score(hit, reading) < below)
 
     def _decision(self, hit: Hit | None, reading: Reading, score: Score | None) -> Decision:
         if hit is not None and not self._overruled(hit, reading, score):
@@ -193,7 +197,7 @@ class SafetyPolicy:
         hits = self.screen_rules.hits(reading)
         fired = self.screen_rules.fired(hits)
         score = self._score(reading)
-        clause = self._clause_score(fired, reading)
+        evidence = self._evidence_score(fired, reading)
         overruled = self._overruled(fired, reading, score)
         return {"canonical": reading.text, "corrections": reading.corrections,
                 "english_share": round(reading.english_share, 3),
@@ -201,7 +205,7 @@ class SafetyPolicy:
                                 "suppressed_by": list(h.suppressed_by)} for h in hits],
                 "learned": None if score is None else {
                     "p_urgent": round(score.p_urgent, 3), "p_crisis": round(score.p_crisis, 3),
-                    "p_urgent_match_clause": None if clause is None else round(clause.p_urgent, 3),
+                    "p_urgent_evidence": None if evidence is None else round(evidence, 3),
                     "threshold": self.learned.threshold, "overrule_below": self.learned.overrule_below,
                     "overruled": fired.rule.id if overruled else None,
                     "top_features": list(self.learned.strongest(score, towards_urgent=not overruled))},

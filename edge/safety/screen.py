@@ -63,7 +63,8 @@ class Hit:
     matched: str
     start: int
     suppressed_by: tuple[str, ...]      # empty: it fired
-    end: int = -1                       # where the rule's own match ends (its second finding may lie elsewhere)
+    end: int = -1                       # where the rule's own match ends
+    seconds: tuple[tuple[int, int], ...] = ()   # where its second findings (a rule's ``with``) lie
 
 
 def _union(patterns: list[str]) -> re.Pattern:
@@ -152,13 +153,10 @@ class Screen:
                 found.append(name)
         return tuple(found)
 
-    def _with(self, rule: Rule, marks: "_Marks") -> str | None:
-        """A second finding anywhere in the message, not negated (it may lie inside the first: "throat
-        is closing" is both a swelling and a throat; a rule's ``with`` must not list its own weak words)."""
-        for m in rule.with_.finditer(marks.reading.text):
-            if not self._present(marks, "negation", m.start()):
-                return m.group(0)
-        return None
+    def _with(self, rule: Rule, marks: "_Marks") -> list[re.Match]:
+        """Every second finding in the message, not negated (it may lie inside the first: "throat is
+        closing" is both a swelling and a throat; a rule's ``with`` must not list its own weak words)."""
+        return [m for m in rule.with_.finditer(marks.reading.text) if not self._present(marks, "negation", m.start())]
 
     # -- screening ------------------------------------------------------------------------------
 
@@ -184,14 +182,14 @@ class Screen:
                 suppressed = self._suppressed(rule, marks, m.start())
                 if "negation" in suppressed and _NEGATIVE_START.match(m.group(0)):
                     suppressed = tuple(c for c in suppressed if c != "negation")   # "no, hes not breathing"
-                matched = m.group(0).strip()
+                matched, seconds = m.group(0).strip(), []
                 if not suppressed and rule.with_ is not None:
-                    second = self._with(rule, marks)
-                    if second is None:
+                    seconds = self._with(rule, marks)
+                    if not seconds:
                         suppressed = ("no_second_finding",)
                     else:
-                        matched = f"{matched} + {second}"
-                out.append(Hit(rule, matched, m.start(), suppressed, m.end()))
+                        matched = f"{matched} + {seconds[0].group(0)}"
+                out.append(Hit(rule, matched, m.start(), suppressed, m.end(), tuple(s.span() for s in seconds)))
                 if not suppressed:
                     return out
         return out
