@@ -252,11 +252,6 @@ FINDING_WITH_EXAM_WORDS = [
 ]
 
 
-@pytest.mark.parametrize("text", FINDING_WITH_EXAM_WORDS)
-def test_an_emergency_with_exam_words_keeps_its_firing(policy, text):
-    assert policy.check(text).red_flag, policy.explain(text)
-
-
 def test_the_model_overrules_only_when_the_matched_clause_alone_reads_ordinary_too(monkeypatch):
     from jee1.edge.safety.model import Score
 
@@ -467,7 +462,7 @@ def test_the_whole_screen_fires_on_the_quiet_phrasings_only_where_known(policy):
     assert all(policy.check(text).rule == "learned.backstop" for text in fired)
 
 
-@pytest.mark.parametrize("text", REVIEW_FIRES)
+@pytest.mark.parametrize("text", [*REVIEW_FIRES, *FINDING_WITH_EXAM_WORDS])
 def test_review_findings_fire(policy, text):
     assert policy.check(text).red_flag, policy.explain(text)
 
