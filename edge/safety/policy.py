@@ -152,17 +152,17 @@ class SafetyPolicy:
             return None
         return max(self.learned.score(text).p_urgent for text in self.evidence(hit, reading))
 
-    def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None) -> bool:
+    def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None, evidence: float | None) -> bool:
         """A rule's firing that the learned model is all but sure is an ordinary message: read whole, and
-        read as the rule's evidence alone (``evidence``).  The second reading is what keeps an
-        exam-sounding question ("which antihistamine is best?", p 0.001 whole) from outweighing the
-        finding before it ("throat closing after peanuts", p 0.86 alone)."""
-        below = self.learned.overrule_below if self.learned is not None else 0.0
-        return (score is not None and score.p_urgent < below and self.overrulable(hit, reading)
-                and self._evidence_score(hit, reading) < below)
+        read as the rule's evidence alone (``evidence``, ``_evidence_score``).  The second reading is what
+        keeps an exam-sounding question ("which antihistamine is best?", p 0.001 whole) from outweighing
+        the finding before it ("throat closing after peanuts", p 0.86 alone)."""
+        if score is None or score.p_urgent >= self.learned.overrule_below or not self.overrulable(hit, reading):
+            return False
+        return (evidence if evidence is not None else self._evidence_score(hit, reading)) < self.learned.overrule_below
 
-    def _decision(self, hit: Hit | None, reading: Reading, score: Score | None) -> Decision:
-        if hit is not None and not self._overruled(hit, reading, score):
+    def _decision(self, hit: Hit | None, reading: Reading, score: Score | None, overruled: bool) -> Decision:
+        if hit is not None and not overruled:
             rule = hit.rule
             return Decision(True, rule.id, rule.category, hit.matched, self.messages[rule.kind], self.version,
                             self.pre_model, rule.kind)
@@ -188,7 +188,8 @@ class SafetyPolicy:
 
     def check(self, question: str) -> Decision:
         reading = self.reader.read(_bounded(question))
-        return self._decision(self.screen_rules.first(reading), reading, self._score(reading))
+        hit, score = self.screen_rules.first(reading), self._score(reading)
+        return self._decision(hit, reading, score, self._overruled(hit, reading, score, None))
 
     def explain(self, question: str) -> dict:
         """Why: the reading, every candidate match and what suppressed it, the learned model's view,
@@ -198,7 +199,7 @@ class SafetyPolicy:
         fired = self.screen_rules.fired(hits)
         score = self._score(reading)
         evidence = self._evidence_score(fired, reading)
-        overruled = self._overruled(fired, reading, score)
+        overruled = self._overruled(fired, reading, score, evidence)
         return {"canonical": reading.text, "corrections": reading.corrections,
                 "english_share": round(reading.english_share, 3),
                 "candidates": [{"rule": h.rule.id, "matched": h.matched,
@@ -209,7 +210,7 @@ class SafetyPolicy:
                     "threshold": self.learned.threshold, "overrule_below": self.learned.overrule_below,
                     "overruled": fired.rule.id if overruled else None,
                     "top_features": list(self.learned.strongest(score, towards_urgent=not overruled))},
-                "decision": self._decision(fired, reading, score).as_json()}
+                "decision": self._decision(fired, reading, score, overruled).as_json()}
 
     def screen(self, question: str) -> Decision:
         """``check`` when the pre-model short-circuit is on; with it off, a decision that never fires."""

@@ -63,7 +63,7 @@ class Hit:
     matched: str
     start: int
     suppressed_by: tuple[str, ...]      # empty: it fired
-    end: int = -1                       # where the rule's own match ends
+    end: int                            # where the rule's own match ends
     seconds: tuple[tuple[int, int], ...] = ()   # where its second findings (a rule's ``with``) lie
 
 
