@@ -477,15 +477,45 @@ def test_no_message_holds_the_screen_for_long(policy, unit):
     assert time.perf_counter() - started < 2.0     # ~0.2 s here; was 36 s at 8 KiB before the bound
 
 
-def test_the_operating_point_puts_recall_first():
-    """tools/train_safety_model.py's choice from its cross-validation grid of (recall, false triggers,
-    threshold, overrule level): the false-trigger budget buys recall, but never below the recall target."""
+def _training_tool():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("train_safety_model",
                                                   Path(__file__).parents[1] / "tools" / "train_safety_model.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    return tool
+
+
+def test_the_trainer_measures_what_the_device_decides(policy):
+    """The operating point is chosen on tools/train_safety_model.py's simulation of the screen
+    (``screened`` over ``predict``): with the shipped weights it must decide exactly as
+    SafetyPolicy.check does, overrules included."""
+    import numpy as np
+
+    from jee1.edge.safety.model import hashed
+
+    tool, learned = _training_tool(), policy.learned
+    texts = [e.text for split in ("dev", "train1", "train13") for e in load_corpus(CORPUS / f"{split}.jsonl")]
+    readings = [policy.reader.read(t) for t in texts]
+    hits = [policy.screen_rules.first(r) for r in readings]
+
+    def p(texts_read):
+        return tool.predict([hashed(t, learned.dim) for t in texts_read], learned.w, learned.b)
+
+    p_message = p([r.text for r in readings])
+    p_evidence = np.array([p(policy.evidence(h, r)).max() if h else 1.0 for h, r in zip(hits, readings, strict=True)])
+    overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
+    simulated = tool.screened(np.array([h is not None for h in hits]), overrulable, p_message, p_evidence,
+                              learned.threshold, learned.overrule_below)
+    assert (overrulable & (p_message < learned.overrule_below)).any()      # the overrule path is exercised
+    assert simulated.tolist() == [policy.check(t).red_flag for t in texts]
+
+
+def test_the_operating_point_puts_recall_first():
+    """tools/train_safety_model.py's choice from its cross-validation grid of (recall, false triggers,
+    threshold, overrule level): the false-trigger budget buys recall, but never below the recall target."""
+    tool = _training_tool()
     budget, target = tool.MAX_CV_FALSE_TRIGGERS, tool.MIN_CV_RECALL
     inside, outside = budget - 0.001, budget + 0.001
     assert tool.choose([(target + 0.002, inside, 0.5, 0.1), (target + 0.005, outside, 0.4, 0.1)])[2] == 0.5
