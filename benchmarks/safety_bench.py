@@ -84,7 +84,7 @@ def main() -> None:
               f"{pct(f['false_trigger_ci95'][0])}-{pct(f['false_trigger_ci95'][1]).strip():>7} {count(f['wrong_kind']):>10} "
               f"{f['median_ms']:>9.3f} {f['p99_ms']:>7.3f} {f['reading_only_median_ms']:>12.3f}")
         print(f"          caught {f['caught']}/{f['emergencies']}")
-    print("~ train: the backstop's training data only   + spent: held out, measured first, then changed for "
+    print("~ train: the learned model's training data only   + spent: held out, measured first, then changed for "
           "(no longer evidence)   * held out: never changed for (tests/data/safety/splits.json)")
     for split, f in report["splits"].items():
         print(f"\n== {split}: per category (caught/emergencies, false triggers/ordinary)")

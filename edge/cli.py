@@ -392,10 +392,12 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
               help="One JSON object per input: red_flag, kind, rule, category, matched, message, rules_version.")
 @click.option("--explain", is_flag=True,
               help="Also show why: the message as the screen read it, spelling corrections, every candidate match "
-                   "and the context (negation, past, knowledge question, ...) that silenced it.")
+                   "and the context (negation, past, knowledge question, ...) that silenced it, and the learned model's view: "
+                   "its score, the score of the rule's evidence read alone, and whether it overruled the rule.")
 @click.pass_context
 def safety_check(ctx, texts, rules, as_json, explain):
-    """Run only the pre-model safety screen (no model) on each TEXT, or on each line of stdin.
+    """Run only the pre-model safety screen (the rules and the screen's learned model, not the
+    language model) on each TEXT, or on each line of stdin.
 
     \b
     RED FLAG emergency   an emergency happening now: the fixed emergency message

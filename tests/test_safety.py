@@ -238,8 +238,8 @@ def test_the_learned_model_never_overrules_where_the_docs_say_it_cannot(monkeypa
 
 # An emergency followed by an exam-sounding question: the learned model reads the whole message as
 # ordinary (3.3.1 scored the first 0.001 and overruled its rule; its known blind spot: "which", "most
-# likely"), so a firing is overruled only when the clause the rule matched in, read alone, is ordinary
-# too, and never in a message of something happening now.  3.3.1 missed the first four.
+# likely"), so a firing is overruled only when the rule's evidence, read alone, is ordinary too, and
+# never in a message of something happening now.  3.3.1 missed the first four.
 FINDING_WITH_EXAM_WORDS = [
     "throat closing after peanuts, which antihistamine is best",
     "my dad vomited a load of blood and feels faint, what is the most likely diagnosis",
@@ -252,7 +252,7 @@ FINDING_WITH_EXAM_WORDS = [
 ]
 
 
-def test_the_model_overrules_only_when_the_matched_clause_alone_reads_ordinary_too(monkeypatch):
+def test_the_model_overrules_only_when_the_rule_evidence_alone_reads_ordinary_too(monkeypatch):
     from jee1.edge.safety.model import Score
 
     policy = SafetyPolicy.load()
