@@ -393,7 +393,8 @@ def ui_sim(port, baudrate, max_tokens, want_status, as_json, question):
 @click.option("--explain", is_flag=True,
               help="Also show why: the message as the screen read it, spelling corrections, every candidate match "
                    "and the context (negation, past, knowledge question, ...) that silenced it, and the learned model's view: "
-                   "its score, the score of the rule's evidence read alone, and whether it overruled the rule.")
+                   "its score (the mean of its two urgent heads, and each head's), the score of the evidence of every rule "
+                   "that fired, read alone, and whether it overruled the rule.")
 @click.pass_context
 def safety_check(ctx, texts, rules, as_json, explain):
     """Run only the pre-model safety screen (the rules and the screen's learned model, not the
@@ -435,12 +436,14 @@ def safety_check(ctx, texts, rules, as_json, explain):
             if why["learned"]:
                 lp = why["learned"]
                 towards = "ordinary" if lp["overruled"] else "urgent"
-                click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.3f} (fires at {lp['threshold']:.2f}, overrules a rule "
-                           f"below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards {towards}: "
-                           f"{', '.join(lp['top_features']) or '-'}")
+                linear, hidden = lp["p_urgent_heads"]
+                click.echo(f"    learned model: p(urgent) {lp['p_urgent']:.3f}, the mean of its linear head's {linear:.3f} and "
+                           f"its hidden layer's {hidden:.3f} (fires at {lp['threshold']:.2f}, overrules a rule when both "
+                           f"are below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards "
+                           f"{towards}: {', '.join(lp['top_features']) or '-'}")
                 if lp["p_urgent_evidence"] is not None:
-                    click.echo(f"    the rule's evidence (its clause up to the match, and its second finding's), read alone: "
-                               f"p(urgent) {lp['p_urgent_evidence']:.3f}")
+                    click.echo(f"    the evidence of every rule that fired (its clause up to the match, and its second "
+                               f"findings'), read alone: p(urgent) {lp['p_urgent_evidence']:.3f} (the higher head)")
                 if lp["overruled"]:
                     click.echo(f"    OVERRULED {lp['overruled']}: the learned model is all but sure this is an ordinary message, "
                                "read whole and its evidence alone")

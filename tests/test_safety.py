@@ -203,6 +203,35 @@ def test_the_hashed_buckets_are_the_named_features_buckets(policy):
             assert np.array_equal(hashed(canonical, dim)[0], named), e.text
 
 
+def test_the_features_named_as_strongest_are_shares_of_the_models_own_score(policy):
+    """--explain names the features that weighed most: with the hidden units a message switches on
+    held fixed the hidden-layer head is linear, so each bucket's share of the two heads' logits plus
+    the biases must add up to those logits exactly, and the features named must be the largest shares;
+    what fires is the heads' mean."""
+    from jee1.edge.safety.model import _bucket, hashed, sigmoid
+
+    heads, dim = policy.learned.urgent, policy.learned.dim
+    for text in ("hes not braething", "what is the capital of france", "my chest is being crushed and im sweating"):
+        canonical = policy.reader.read(text).text
+        idx, val = hashed(canonical, dim)
+        shares = heads.bucket_weights(idx, val)
+        net = heads.net
+        on = net.hidden(idx, val) > 0
+        logits = float(val @ heads.w[idx]) + heads.b + net.logit(idx, val)
+        assert sum(shares.values()) + float(net.hidden_bias @ (net.out * on)) + net.bias + heads.b == pytest.approx(
+            logits, abs=1e-3)
+        score = policy.learned.score(canonical)
+        linear, hidden = score.p_heads
+        assert linear == pytest.approx(sigmoid(float(val @ heads.w[idx]) + heads.b))
+        assert hidden == pytest.approx(sigmoid(net.logit(idx, val)))
+        assert score.p_urgent == pytest.approx((linear + hidden) / 2) and score.p_urgent_highest == max(linear, hidden)
+        towards_urgent = score.p_urgent >= 0.5
+        sign = 1 if towards_urgent else -1
+        named = policy.learned.strongest(score, towards_urgent=towards_urgent)
+        assert named and all(sign * shares[_bucket(n) & (dim - 1)] > 0 for n in named)
+        assert sign * shares[_bucket(named[0]) & (dim - 1)] == pytest.approx(max(sign * v for v in shares.values()))
+
+
 def test_a_rule_firing_is_overruled_only_when_the_model_is_all_but_sure_it_is_ordinary(policy):
     """A long-known, diagnosed pattern (a train1 line): the stroke rule's context markers miss it, the
     learned model is all but sure of the message and of the rule's evidence, and the explanation says so."""
@@ -226,7 +255,7 @@ def test_the_learned_model_never_overrules_where_the_docs_say_it_cannot(monkeypa
     from jee1.edge.safety.model import Score
 
     policy = SafetyPolicy.load()
-    monkeypatch.setattr(policy.learned, "score", lambda canonical: Score(0.0, 0.0, canonical))
+    monkeypatch.setattr(policy.learned, "score", lambda canonical: Score(0.0, (0.0, 0.0), 0.0, canonical))
     history = "My mum had an ectopic pregnancy before I was born and lost a tube"
     assert policy.explain(history)["learned"]["overruled"] == "pregnancy.bleeding_or_pain"
     for text in (history + ". Also my 2 year old swallowed a button battery an hour ago",   # found by a later rule
@@ -258,15 +287,23 @@ def test_the_model_overrules_only_when_the_rule_evidence_alone_reads_ordinary_to
     policy = SafetyPolicy.load()
     text = "throat closing after peanuts, which antihistamine is best"
     whole = policy.reader.read(text).text
-    clause_p = [0.9]
-    monkeypatch.setattr(policy.learned, "score",
-                        lambda canonical: Score(0.0 if canonical == whole else clause_p[0], 0.0, canonical))
+    clause_p, whole_heads = [0.9], [(0.0, 0.0)]
+
+    def score(canonical):
+        heads = whole_heads[0] if canonical == whole else (clause_p[0], clause_p[0])
+        return Score(sum(heads) / 2, heads, 0.0, canonical)
+
+    monkeypatch.setattr(policy.learned, "score", score)
     why = policy.explain(text)
     assert why["decision"]["red_flag"] and why["learned"]["overruled"] is None
     assert why["learned"]["p_urgent"] == 0.0 and why["learned"]["p_urgent_evidence"] == 0.9
     clause_p[0] = 0.0
     why = policy.explain(text)
     assert why["learned"]["overruled"] == "anaphylaxis.swelling_or_reaction" and not why["decision"]["red_flag"]
+    whole_heads[0] = (0.0, 0.15)          # both heads must be all but sure: one unsure head keeps the rule
+    why = policy.explain(text)
+    assert why["learned"]["p_urgent"] < why["learned"]["overrule_below"] and why["learned"]["overruled"] is None
+    assert why["decision"]["red_flag"]
 
 
 def test_short_circuit_off_for_evaluation():
@@ -447,11 +484,30 @@ KNOWN_LEARNED_FALSE_TRIGGERS = {
     "I've got an odd rash on my arm", "my sore throat is not responding to antibiotics",
     "my son knocked out his front tooth playing football", "I don't get any chest pain, just a cough",
     "ive got a whole box of paracetamol in the cupboard, how long does it keep",
-    "cant breathe through my nose with this cold", "my dad used to drink heavily and pass out",
+    "my dad used to drink heavily and pass out",
     "my son says it wasnt his fault he broke the window",
     "my 3 year old ate a whole banana and now has tummy ache",
     "the crash wasnt your fault, goodbye for now and drive safe",
+    # 3.7.0: the threshold fell from 0.72 to 0.38 (recall first, docs/safety.md)
+    "breathing fast after running is normal right", "this is the last time ill write to the council about the bins",
+    "would people know if i dyed my hair grey",
 }
+
+
+# What people type to see whether the device is on, or as a bare topic.  The learned model has little to
+# read in them: 3.6.0 fired on "bye", "paracetamol", "fever" and "chest"; 3.7.0's first build, at its
+# lower threshold, on "thanks", "hello", "hi there", "aspirin", "knee pain" and "asthma" too.  train18
+# (short messages) was written for this, and its helper, shown these as examples, used most of them:
+# a guard against a retrained model forgetting them, not evidence that it reads short messages well.
+# "fever" alone still fires, though train18 has it (p 0.45: the word goes with infant fevers and
+# meningitis in most of the corpus); docs/safety.md.
+EVERYDAY_SHORT = ["hello", "hi there", "thanks", "thank you", "bye", "ok", "good morning", "aspirin", "paracetamol",
+                  "asthma", "knee pain", "chest", "tell me about insulin", "what is aspirin"]
+
+
+@pytest.mark.parametrize("text", EVERYDAY_SHORT)
+def test_greetings_and_bare_topics_do_not_fire(policy, text):
+    assert not policy.check(text).red_flag, policy.explain(text)
 
 
 def test_the_whole_screen_fires_on_the_quiet_phrasings_only_where_known(policy):
@@ -501,14 +557,14 @@ def test_the_trainer_measures_what_the_device_decides(policy):
     hits = [policy.screen_rules.first(r) for r in readings]
 
     def p(texts_read):
-        return tool.predict([hashed(t, learned.dim) for t in texts_read], learned.w, learned.b)
+        return tool.predict([hashed(t, learned.dim) for t in texts_read], learned.urgent)
 
-    p_message = p([r.text for r in readings])
-    p_evidence = np.array([p(policy.evidence(h, r)).max() if h else 1.0 for h, r in zip(hits, readings, strict=True)])
+    heads = p([r.text for r in readings])
+    p_evidence = np.array([p(policy.overrule_evidence(r)).max() if h else 1.0 for h, r in zip(hits, readings, strict=True)])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
-    simulated = tool.screened(np.array([h is not None for h in hits]), overrulable, p_message, p_evidence,
-                              learned.threshold, learned.overrule_below)
-    assert (overrulable & (p_message < learned.overrule_below)).any()      # the overrule path is exercised
+    simulated = tool.screened(np.array([h is not None for h in hits]), overrulable, heads.mean(axis=1), heads.max(axis=1),
+                              p_evidence, learned.threshold, learned.overrule_below)
+    assert (overrulable & (heads.max(axis=1) < learned.overrule_below)).any()      # the overrule path is exercised
     assert simulated.tolist() == [policy.check(t).red_flag for t in texts]
 
 
@@ -536,6 +592,25 @@ def test_the_rule_evidence_the_model_reads_is_its_clause_up_to_the_match(policy)
     hit = policy.screen_rules.first(reading)
     assert hit.rule.id == "infant.fever_or_floppy" and len(policy.evidence(hit, reading)) >= 2
     assert policy.check("how high a temperature is too high for a baby? mine is 7 weeks, 38.5").red_flag
+
+
+RISING_INFANT_FEVER = [       # the bleeding rule fires first, on "shot"; the infant-fever rule on the fever
+    "my 5 week old was 37.5 earlier then it shot up to 38.6, should i give calpol",
+    "my 7 week old's temp was fine at bedtime and then it shot up to 38.5, is that normal",
+    "baby is 4 weeks, temperature was 37.2 then it shot up to 38.4, what should i do",
+]
+
+
+@pytest.mark.parametrize("message", RISING_INFANT_FEVER)
+def test_the_model_must_read_every_firing_rules_evidence_as_ordinary_before_it_overrules(policy, message):
+    """A first rule that fired on the wrong words, overruled, must not take with it a later rule that
+    fired on the right ones: 3.7.0's first model (the hidden-layer head alone) overruled these, on
+    the evidence of "bleeding.severe" ("then it shot", read as ordinary), not the infant rule's."""
+    reading = policy.reader.read(message)
+    fired = [hit.rule.id for hit in policy.screen_rules.every_fired(reading)]
+    assert fired[0] == policy.screen_rules.first(reading).rule.id and "infant.fever_or_floppy" in fired
+    assert any("38" in text for text in policy.overrule_evidence(reading))
+    assert policy.check(message).red_flag
 
 
 def test_an_overdose_with_a_wish_not_to_be_helped_gets_the_crisis_message(policy):

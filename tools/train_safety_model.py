@@ -3,11 +3,13 @@ splits of the labelled corpus (tests/data/safety/splits.json), never on a held-o
 
     python tools/train_safety_model.py
 
-Two logistic regressions over hashed features (edge/safety/model.py): urgent (emergency or crisis)
-against ordinary, class-balanced, over features scaled by their naive-Bayes log-count ratio
-(NBSVM); and, among urgent messages, crisis against emergency.  Trained
-with torch (a test-time dependency only: the device reads the weights with numpy), Adam over
-shuffled mini-batches, fixed seed and one thread: the same data gives the same weights.
+Over hashed features (edge/safety/model.py): urgent (emergency or crisis against ordinary),
+class-balanced, read by two heads over features scaled by their naive-Bayes log-count ratio (NBSVM):
+a logistic regression and a network with one hidden layer of HIDDEN units (the model fires on their
+mean; an overrule needs both all but sure); and, among urgent messages, crisis against emergency, a
+logistic regression.  Trained with torch (a test-time dependency only: the device reads the weights
+with numpy), Adam over shuffled mini-batches, fixed seed and one thread: the same data gives the
+same weights.
 
 The firing threshold is chosen by leave-one-author-out cross-validation: each split in
 ``cross_validation`` (splits.json: the ones whose lines no rule was written against) is scored by a
@@ -33,7 +35,7 @@ import torch
 from jee1.datafiles import read_toml
 from jee1.edge.safety import RULES_FILE, SafetyPolicy
 from jee1.edge.safety.corpus import load_corpus, seen_splits, split_roles
-from jee1.edge.safety.model import hashed, sigmoid
+from jee1.edge.safety.model import UrgentHeads, UrgentNet, hashed, sigmoid
 from jee1.errors import InputError
 from jee1.manifest import replace_file_atomic
 
@@ -42,11 +44,18 @@ CORPUS = REPO / "tests" / "data" / "safety"
 OUT = REPO / "edge" / "data" / "safety_model.npz"
 DIM = 1 << 18
 EPOCHS, BATCH, LEARNING_RATE, L2, SEED = 8, 64, 0.02, 1e-6, 0
+# The hidden-layer head: in leave-one-author-out cross-validation over 13 authors, alone, it missed 40
+# of the 628 emergencies no rule caught where the linear head missed 61, at the same 10 false triggers
+# (32 units: no better).
+HIDDEN, HIDDEN_LEARNING_RATE, HIDDEN_START = 16, 0.005, 0.1
 # More recall is bought with false triggers up to this budget, no further.  It is under the 2% target
 # because every new author's ordinary messages so far were harder than the cross-validation folds':
 # with the budget at 2% (3.3.x), the five fresh held-out splits gave 2.1-4.2% false triggers.
 MAX_CV_FALSE_TRIGGERS = 0.015
-MIN_CV_RECALL = 0.99           # the recall target: never bought back with false triggers
+# The recall target, never bought back with false triggers.  Above the 99% held-out target because
+# every new author's emergencies so far were harder to catch than the folds': screen 3.6.0, at 99.1%
+# in cross-validation, caught 97.3-98.8% of five fresh held-out splits' (docs/safety.md).
+MIN_CV_RECALL = 0.995
 FRONTIER_BUDGETS = (0.01, 0.0125, 0.015, 0.0175, 0.02, 0.025)
 THRESHOLDS = np.round(np.arange(0.30, 0.96, 0.01), 2)      # the model fires where no rule did at or above
 # A rule's firing stands unless the model is below this: "all but sure".  Capped at 0.1 by choice, not
@@ -62,26 +71,33 @@ def _batch(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[torch.Tensor, tor
     return torch.from_numpy(flat), torch.from_numpy(offsets), torch.from_numpy(weights)
 
 
-def train(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """Class-balanced logistic regression: (weights over DIM buckets, bias)."""
-    torch.manual_seed(SEED)
+def _fit(rows: list, y: np.ndarray, logits, optimizers: list, penalty=lambda: 0.0) -> None:
+    """Class-balanced training over shuffled mini-batches (fixed seed): ``logits`` scores a batch."""
     rng = np.random.default_rng(SEED)
-    w = torch.nn.EmbeddingBag(DIM, 1, mode="sum")
-    torch.nn.init.zeros_(w.weight)
-    b = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.Adam([w.weight, b], lr=LEARNING_RATE)
     balance = torch.tensor([0.5 / (1 - y.mean()), 0.5 / y.mean()], dtype=torch.float32)
     for _ in range(EPOCHS):
         order = rng.permutation(len(rows))
         for k in range(0, len(order), BATCH):
             ix = order[k:k + BATCH]
             target = torch.from_numpy(y[ix].astype(np.float32))
-            z = w(*_batch([rows[i] for i in ix])).squeeze(-1) + b
-            loss = (torch.nn.functional.binary_cross_entropy_with_logits(z, target, reduction="none")
-                    * balance[target.long()]).mean() + L2 * (w.weight ** 2).sum()
-            opt.zero_grad()
+            loss = (torch.nn.functional.binary_cross_entropy_with_logits(
+                logits(_batch([rows[i] for i in ix])), target, reduction="none") * balance[target.long()]).mean()
+            loss = loss + penalty()
+            for optimizer in optimizers:
+                optimizer.zero_grad()
             loss.backward()
-            opt.step()
+            for optimizer in optimizers:
+                optimizer.step()
+
+
+def train(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Class-balanced logistic regression: (weights over DIM buckets, bias)."""
+    torch.manual_seed(SEED)
+    w = torch.nn.EmbeddingBag(DIM, 1, mode="sum")
+    torch.nn.init.zeros_(w.weight)
+    b = torch.nn.Parameter(torch.zeros(1))
+    _fit(rows, y, lambda batch: w(*batch).squeeze(-1) + b, [torch.optim.Adam([w.weight, b], lr=LEARNING_RATE)],
+         lambda: L2 * (w.weight ** 2).sum())
     return w.weight.detach().numpy()[:, 0].copy(), float(b.item())
 
 
@@ -93,31 +109,48 @@ def log_count_ratio(rows: list, y: np.ndarray) -> np.ndarray:
     return np.log((urgent / urgent.sum()) / (ordinary / ordinary.sum())).astype(np.float32)
 
 
-def train_urgent(rows: list, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """The urgent head, NBSVM-style (Wang and Manning, 2012): the regression reads each feature
-    scaled by its log-count ratio, which in cross-validation caught more at fewer false triggers
-    than raw features.  The scale is folded into the weights, so the device scores exactly as
-    before: one dot product."""
+def train_urgent(rows: list, y: np.ndarray) -> UrgentHeads:
+    """The urgent heads, each over each feature scaled by its naive-Bayes log-count ratio (NBSVM-style,
+    Wang and Manning, 2012: in cross-validation that caught more at fewer false triggers than raw
+    features), the scale folded into the weights: a logistic regression and ``train_hidden``."""
     ratio = log_count_ratio(rows, y)
-    w, b = train([(idx, val * ratio[idx]) for idx, val in rows], y)
-    return w * ratio, b
+    scaled = [(idx, val * ratio[idx]) for idx, val in rows]
+    w, b = train(scaled, y)
+    return UrgentHeads(w * ratio, b, train_hidden(scaled, y, ratio))
 
 
-def predict(rows: list, w: np.ndarray, b: float) -> np.ndarray:
-    return np.array([sigmoid(float(v @ w[i]) + b) for i, v in rows])
+def train_hidden(scaled: list, y: np.ndarray, ratio: np.ndarray) -> UrgentNet:
+    """One hidden layer, class-balanced.  The embedding starts at zero and the hidden units switched on
+    (HIDDEN_START), so a feature training never saw adds exactly nothing; sparse Adam updates only the
+    rows a batch touches."""
+    torch.manual_seed(SEED)
+    embed = torch.nn.EmbeddingBag(DIM, HIDDEN, mode="sum", sparse=True)
+    torch.nn.init.zeros_(embed.weight)
+    hidden_bias = torch.nn.Parameter(torch.full((HIDDEN,), HIDDEN_START))
+    out = torch.nn.Linear(HIDDEN, 1)
+    _fit(scaled, y, lambda batch: out(torch.relu(embed(*batch) + hidden_bias)).squeeze(-1),
+         [torch.optim.SparseAdam(list(embed.parameters()), lr=HIDDEN_LEARNING_RATE),
+          torch.optim.Adam([*out.parameters(), hidden_bias], lr=HIDDEN_LEARNING_RATE)])
+    return UrgentNet(embed.weight.detach().numpy() * ratio[:, None], hidden_bias.detach().numpy().copy(),
+                     out.weight.detach().numpy()[0].copy(), float(out.bias.item()))
 
 
-def overruled(overrulable: np.ndarray, p: np.ndarray, p_evidence: np.ndarray, overrule_below: float) -> np.ndarray:
-    """The rule firings the model overrules (SafetyPolicy._overruled): below ``overrule_below`` on the
-    message and on the most urgent reading of the rule's evidence."""
-    return overrulable & (p < overrule_below) & (p_evidence < overrule_below)
+def predict(rows: list, heads: UrgentHeads) -> np.ndarray:
+    """Each message's (linear, hidden-layer) p(urgent): shape (messages, 2)."""
+    return np.array([heads.probabilities(i, v) for i, v in rows]).reshape(len(rows), 2)
 
 
-def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, p_evidence: np.ndarray,
-             threshold: float, overrule_below: float) -> np.ndarray:
+def overruled(overrulable: np.ndarray, p_highest: np.ndarray, p_evidence: np.ndarray, overrule_below: float) -> np.ndarray:
+    """The rule firings the model overrules (SafetyPolicy._overruled): both heads below ``overrule_below``
+    on the message (``p_highest``) and on the most urgent reading of the evidence."""
+    return overrulable & (p_highest < overrule_below) & (p_evidence < overrule_below)
+
+
+def screened(rule_fired: np.ndarray, overrulable: np.ndarray, p: np.ndarray, p_highest: np.ndarray,
+             p_evidence: np.ndarray, threshold: float, overrule_below: float) -> np.ndarray:
     """The screen's decision (SafetyPolicy.check): a rule's firing stands unless overruled; the model
-    fires at or above ``threshold``."""
-    return (rule_fired & ~overruled(overrulable, p, p_evidence, overrule_below)) | (p >= threshold)
+    fires where the heads' mean ``p`` is at or above ``threshold``."""
+    return (rule_fired & ~overruled(overrulable, p_highest, p_evidence, overrule_below)) | (p >= threshold)
 
 
 def _most_recall(point: tuple) -> tuple:
@@ -139,24 +172,25 @@ def choose(grid: list[tuple]) -> tuple:
 
 def cross_validate(rows: list, evidence_rows: list, split_of: np.ndarray, rule_fired: np.ndarray,
                    overrulable: np.ndarray, urgent: np.ndarray, folds: list[str]) -> tuple[float, float, dict]:
-    p, p_evidence = np.full(len(rows), np.nan), np.ones(len(rows))
+    p, p_highest, p_evidence = np.full(len(rows), np.nan), np.ones(len(rows)), np.ones(len(rows))
     for split in folds:
         held = split_of == split
-        w, b = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
-        p[held] = predict([r for r, h in zip(rows, held, strict=True) if h], w, b)
-        for i in np.flatnonzero(held & overrulable):       # the most urgent reading of the rule's evidence
-            p_evidence[i] = predict(evidence_rows[i], w, b).max()
+        heads = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
+        both = predict([r for r, h in zip(rows, held, strict=True) if h], heads)
+        p[held], p_highest[held] = both.mean(axis=1), both.max(axis=1)
+        for i in np.flatnonzero(held & overrulable):       # the most urgent reading of the evidence
+            p_evidence[i] = predict(evidence_rows[i], heads).max()
         print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
     scored = ~np.isnan(p)
     ordinary, emergencies = scored & (urgent == 0), scored & (urgent == 1)
 
     def figures(threshold: float, overrule_below: float) -> tuple[float, float]:
-        fired = screened(rule_fired, overrulable, p, p_evidence, threshold, overrule_below)
+        fired = screened(rule_fired, overrulable, p, p_highest, p_evidence, threshold, overrule_below)
         return (fired & emergencies).sum() / emergencies.sum(), (fired & ordinary).sum() / ordinary.sum()
 
     grid = [(*figures(t, v), float(t), v) for v in OVERRULE_BELOW for t in THRESHOLDS]
     recall, false_triggers, threshold, overrule_below = choose(grid)
-    overruled_ = rule_fired & overruled(overrulable, p, p_evidence, overrule_below)
+    overruled_ = rule_fired & overruled(overrulable, p_highest, p_evidence, overrule_below)
     frontier = {}       # what each false-trigger budget would buy: the trade-off the choice sits on
     for budget in FRONTIER_BUDGETS:
         best = max((g for g in grid if g[1] <= budget), key=_most_recall, default=None)
@@ -187,7 +221,7 @@ def main() -> None:
     readings = [policy.reader.read(e.text) for e in examples]
     rows = [hashed(r.text, DIM) for r in readings]
     hits = [policy.screen_rules.first(r) for r in readings]
-    evidence_rows = [[hashed(text, DIM) for text in policy.evidence(h, r)] if h else None
+    evidence_rows = [[hashed(text, DIM) for text in policy.overrule_evidence(r)] if h else None
                      for h, r in zip(hits, readings, strict=True)]
     rule_fired = np.array([h is not None for h in hits])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
@@ -196,11 +230,13 @@ def main() -> None:
 
     threshold, overrule_below, cv = cross_validate(rows, evidence_rows, np.array(split_of), rule_fired, overrulable,
                                                    urgent, roles["cross_validation"])
-    w_urgent, b_urgent = train_urgent(rows, urgent)
+    heads = train_urgent(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]
     w_crisis, b_crisis = train(urgent_rows, crisis[urgent == 1])
     weights = io.BytesIO()
-    np.savez_compressed(weights, dim=DIM, w_urgent=w_urgent.astype(np.float16), b_urgent=b_urgent,
+    np.savez_compressed(weights, dim=DIM, w_urgent=heads.w.astype(np.float16), b_urgent=heads.b,
+                        urgent_embed=heads.net.embed.astype(np.float16), urgent_hidden_bias=heads.net.hidden_bias,
+                        urgent_out=heads.net.out, urgent_bias=heads.net.bias,
                         w_crisis=w_crisis.astype(np.float16), b_crisis=b_crisis, threshold=threshold,
                         overrule_below=overrule_below, trained_on=np.array(splits), rules_version=policy.version,
                         cross_validation=json.dumps(cv))

@@ -146,18 +146,24 @@ class SafetyPolicy:
         spans = [(hit.start, hit.end), *hit.seconds]
         return [reading.text[reading.clause(start)[0]:end] for start, end in spans]
 
+    def overrule_evidence(self, reading: Reading) -> list[str]:
+        """The evidence the model must read as ordinary before it may overrule: that of every rule that
+        fires, not only the first.  A rule that fired on the wrong words ("it shot up to 38.6": shot)
+        must not, when overruled, take with it the rule that fired on the right ones."""
+        return [text for hit in self.screen_rules.every_fired(reading) for text in self.evidence(hit, reading)]
+
     def _evidence_score(self, hit: Hit | None, reading: Reading) -> float | None:
         """The most urgent of the evidence's readings."""
         if hit is None or self.learned is None:
             return None
-        return max(self.learned.score(text).p_urgent for text in self.evidence(hit, reading))
+        return max(self.learned.score(text).p_urgent_highest for text in self.overrule_evidence(reading))
 
     def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None, evidence: float | None) -> bool:
-        """A rule's firing that the learned model is all but sure is an ordinary message: read whole, and
-        read as the rule's evidence alone (``evidence``, ``_evidence_score``).  The second reading is what
+        """A rule's firing that the learned model is all but sure is an ordinary message: both its urgent
+        heads, read whole, and read as the evidence of every rule that fires, each alone (``overrule_evidence``).  The second reading is what
         keeps an exam-sounding question ("which antihistamine is best?", p 0.001 whole) from outweighing
         the finding before it ("throat closing after peanuts", p 0.86 alone)."""
-        if score is None or score.p_urgent >= self.learned.overrule_below or not self.overrulable(hit, reading):
+        if score is None or score.p_urgent_highest >= self.learned.overrule_below or not self.overrulable(hit, reading):
             return False
         return (evidence if evidence is not None else self._evidence_score(hit, reading)) < self.learned.overrule_below
 
@@ -205,7 +211,8 @@ class SafetyPolicy:
                 "candidates": [{"rule": h.rule.id, "matched": h.matched,
                                 "suppressed_by": list(h.suppressed_by)} for h in hits],
                 "learned": None if score is None else {
-                    "p_urgent": round(score.p_urgent, 3), "p_crisis": round(score.p_crisis, 3),
+                    "p_urgent": round(score.p_urgent, 3), "p_urgent_heads": [round(p, 3) for p in score.p_heads],
+                    "p_crisis": round(score.p_crisis, 3),
                     "p_urgent_evidence": None if evidence is None else round(evidence, 3),
                     "threshold": self.learned.threshold, "overrule_below": self.learned.overrule_below,
                     "overruled": fired.rule.id if overruled else None,

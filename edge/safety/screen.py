@@ -166,9 +166,10 @@ class Screen:
             reading.marks = _Marks(self, reading)
         return reading.marks
 
-    def hits(self, reading: Reading, categories: frozenset[str] | None = None) -> list[Hit]:
+    def hits(self, reading: Reading, categories: frozenset[str] | None = None, every_rule: bool = False) -> list[Hit]:
         """Every candidate match, rule by rule (only the rules of ``categories`` if given), with what
-        suppressed it, up to the first that fired (then the last one)."""
+        suppressed it, up to the first that fired (then the last one); with ``every_rule``, on to each
+        rule's first firing."""
         marks = self.marks(reading)
         out: list[Hit] = []
         for rule in self.rules:
@@ -191,7 +192,9 @@ class Screen:
                         matched = f"{matched} + {seconds[0].group(0)}"
                 out.append(Hit(rule, matched, m.start(), suppressed, m.end(), tuple(s.span() for s in seconds)))
                 if not suppressed:
-                    return out
+                    if not every_rule:
+                        return out
+                    break
         return out
 
     @staticmethod
@@ -200,6 +203,10 @@ class Screen:
 
     def first(self, reading: Reading, categories: frozenset[str] | None = None) -> Hit | None:
         return self.fired(self.hits(reading, categories))
+
+    def every_fired(self, reading: Reading) -> list[Hit]:
+        """Each rule's first firing, in the rules' order: ``first`` is the first of them."""
+        return [hit for hit in self.hits(reading, every_rule=True) if not hit.suppressed_by]
 
 
 class _Marks:
