@@ -441,6 +441,8 @@ def safety_check(ctx, texts, rules, as_json, explain):
                            f"its hidden layer's {hidden:.3f} (fires at {lp['threshold']:.2f}, overrules a rule when both "
                            f"are below {lp['overrule_below']:.2f}), p(crisis) {lp['p_crisis']:.3f}; strongest towards "
                            f"{towards}: {', '.join(lp['top_features']) or '-'}")
+                if len(why["fired"]) > 1:
+                    click.echo(f"    rules that fired: {', '.join(why['fired'])}")
                 if lp["p_urgent_evidence"] is not None:
                     click.echo(f"    the evidence of every rule that fired (its clause up to the match, and its second "
                                f"findings'), read alone: p(urgent) {lp['p_urgent_evidence']:.3f} (the higher head)")

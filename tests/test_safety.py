@@ -242,7 +242,7 @@ def test_a_rule_firing_is_overruled_only_when_the_model_is_all_but_sure_it_is_or
     fired = [c for c in why["candidates"] if not c["suppressed_by"]]
     assert fired and why["learned"]["overruled"] == fired[0]["rule"]
     below = why["learned"]["overrule_below"]
-    assert why["learned"]["p_urgent"] < below and why["learned"]["p_urgent_evidence"] < below
+    assert max(why["learned"]["p_urgent_heads"]) < below and why["learned"]["p_urgent_evidence"] < below
     assert not why["decision"]["red_flag"]
     assert not policy.check(text).red_flag
     result = CliRunner().invoke(jee1_cli, ["safety-check", "--explain", text])
@@ -255,7 +255,7 @@ def test_the_learned_model_never_overrules_where_the_docs_say_it_cannot(monkeypa
     from jee1.edge.safety.model import Score
 
     policy = SafetyPolicy.load()
-    monkeypatch.setattr(policy.learned, "score", lambda canonical: Score(0.0, (0.0, 0.0), 0.0, canonical))
+    monkeypatch.setattr(policy.learned, "score", lambda canonical: Score((0.0, 0.0), 0.0, canonical))
     history = "My mum had an ectopic pregnancy before I was born and lost a tube"
     assert policy.explain(history)["learned"]["overruled"] == "pregnancy.bleeding_or_pain"
     for text in (history + ". Also my 2 year old swallowed a button battery an hour ago",   # found by a later rule
@@ -291,7 +291,7 @@ def test_the_model_overrules_only_when_the_rule_evidence_alone_reads_ordinary_to
 
     def score(canonical):
         heads = whole_heads[0] if canonical == whole else (clause_p[0], clause_p[0])
-        return Score(sum(heads) / 2, heads, 0.0, canonical)
+        return Score(heads, 0.0, canonical)
 
     monkeypatch.setattr(policy.learned, "score", score)
     why = policy.explain(text)
@@ -338,8 +338,10 @@ def test_bad_rules_file_is_refused_with_the_reason(tmp_path, breakage, message):
         SafetyPolicy.load(bad)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a zip file", "npz without overrule_below"])
+@pytest.mark.parametrize("content", [b"", b"not a zip file", {"overrule_below": None}, {"urgent_embed": None},
+                                     {"urgent_bias": [0.1, 0.2]}, {"urgent_embed": "1-D", "urgent_out": 0.5}])
 def test_a_damaged_safety_model_is_refused_naming_the_model_file(tmp_path, monkeypatch, content):
+    """Truncated, not a zip, a key missing (None), a bias that is no number, a hidden layer of no width."""
     import numpy as np
 
     from jee1.edge.safety import policy as policy_module
@@ -349,9 +351,15 @@ def test_a_damaged_safety_model_is_refused_naming_the_model_file(tmp_path, monke
         bad.write_bytes(content)
     else:
         with np.load(str(policy_module.LEARNED_MODEL), allow_pickle=False) as data:
-            np.savez(bad, **{k: data[k] for k in data.files if k != "overrule_below"})
+            arrays = {k: data[k] for k in data.files}
+        for key, value in content.items():
+            if value is None:
+                del arrays[key]
+            else:
+                arrays[key] = np.zeros(arrays["w_urgent"].shape, np.float16) if value == "1-D" else np.array(value)
+        np.savez(bad, **arrays)
     monkeypatch.setattr(policy_module, "LEARNED_MODEL", bad)
-    with pytest.raises(InputError, match=f"{bad}: not a safety model"):
+    with pytest.raises(InputError, match=f"{bad}: (not a safety model|weights do not match)"):
         SafetyPolicy.load()
     monkeypatch.setattr(policy_module, "LEARNED_MODEL", tmp_path / "gone.npz")
     with pytest.raises(InputError, match="gone.npz: cannot read the safety model"):
@@ -518,6 +526,32 @@ def test_the_whole_screen_fires_on_the_quiet_phrasings_only_where_known(policy):
     assert all(policy.check(text).rule == "learned.backstop" for text in fired)
 
 
+# A joke marker ("lol", "haha") silenced every rule in the message until 3.7.1; something said to be
+# happening now rescues it.  From the review of 3.7.0 (both 3.6.0 and 3.7.0 missed these).
+JOKE_WITH_EMERGENCY_NOW = [
+    "my toddler is choking on a grape and can't cough or cry haha great start to the weekend",
+    "my dad is convulsing on the floor, it's been about 10 minutes haha great start to the weekend",
+    "I'm 30 weeks pregnant and I'm bleeding heavily lol",
+    "lol my chest is being crushed and my arm's gone numb, guess I'm dying haha",
+    "my wife is choking on food and back blows aren't working lmao what a day",
+]
+# The price, on the training splits: two jokes with a verb in the present now fire ("literally collapsed
+# on the sofa after the half marathon lol", "my brain is having a stroke trying to understand this tax
+# form lol"); on the cross-validation folds, none.
+JOKE_ONLY = ["choked on my water laughing at that meme lol", "this exam is going to be the death of me haha"]
+
+
+@pytest.mark.parametrize("text", JOKE_WITH_EMERGENCY_NOW)
+def test_a_joke_does_not_silence_an_emergency_said_to_be_happening_now(policy, text):
+    assert policy.screen_rules.first(policy.reader.read(text)) is not None, policy.explain(text)
+    assert policy.check(text).red_flag
+
+
+@pytest.mark.parametrize("text", JOKE_ONLY)
+def test_a_joke_alone_still_silences_the_rules(policy, text):
+    assert policy.screen_rules.first(policy.reader.read(text)) is None, policy.explain(text)
+
+
 @pytest.mark.parametrize("text", [*REVIEW_FIRES, *FINDING_WITH_EXAM_WORDS])
 def test_review_findings_fire(policy, text):
     assert policy.check(text).red_flag, policy.explain(text)
@@ -545,26 +579,24 @@ def _training_tool():
 
 def test_the_trainer_measures_what_the_device_decides(policy):
     """The operating point is chosen on tools/train_safety_model.py's simulation of the screen
-    (``screened`` over ``predict``): with the shipped weights it must decide exactly as
-    SafetyPolicy.check does, overrules included."""
+    (``screened`` over ``scores``, the evidence as ``evidence_rows`` reads it, all as the trainer
+    calls them): with the shipped weights it must decide exactly as SafetyPolicy.check does,
+    overrules included."""
     import numpy as np
 
     from jee1.edge.safety.model import hashed
 
     tool, learned = _training_tool(), policy.learned
+    assert learned.dim == tool.DIM
     texts = [e.text for split in ("dev", "train1", "train13") for e in load_corpus(CORPUS / f"{split}.jsonl")]
     readings = [policy.reader.read(t) for t in texts]
     hits = [policy.screen_rules.first(r) for r in readings]
-
-    def p(texts_read):
-        return tool.predict([hashed(t, learned.dim) for t in texts_read], learned.urgent)
-
-    heads = p([r.text for r in readings])
-    p_evidence = np.array([p(policy.overrule_evidence(r)).max() if h else 1.0 for h, r in zip(hits, readings, strict=True)])
+    p, p_highest, p_evidence = tool.scores([hashed(r.text, tool.DIM) for r in readings],
+                                           tool.evidence_rows(policy, readings, hits), learned.urgent)
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
-    simulated = tool.screened(np.array([h is not None for h in hits]), overrulable, heads.mean(axis=1), heads.max(axis=1),
-                              p_evidence, learned.threshold, learned.overrule_below)
-    assert (overrulable & (heads.max(axis=1) < learned.overrule_below)).any()      # the overrule path is exercised
+    simulated = tool.screened(np.array([h is not None for h in hits]), overrulable, p, p_highest, p_evidence,
+                              learned.threshold, learned.overrule_below)
+    assert (overrulable & (p_highest < learned.overrule_below)).any()      # the overrule path is exercised
     assert simulated.tolist() == [policy.check(t).red_flag for t in texts]
 
 
@@ -611,6 +643,21 @@ def test_the_model_must_read_every_firing_rules_evidence_as_ordinary_before_it_o
     assert fired[0] == policy.screen_rules.first(reading).rule.id and "infant.fever_or_floppy" in fired
     assert any("38" in text for text in policy.overrule_evidence(reading))
     assert policy.check(message).red_flag
+
+
+def test_a_later_rules_urgent_evidence_keeps_the_firing_whatever_the_weights(monkeypatch):
+    """The same, independent of the shipped weights: the whole message and the first rule's evidence
+    read all but certainly ordinary, the infant-fever rule's evidence urgent."""
+    from jee1.edge.safety.model import Score
+
+    policy = SafetyPolicy.load()
+    message = RISING_INFANT_FEVER[0]
+    whole = policy.reader.read(message).text
+    monkeypatch.setattr(policy.learned, "score", lambda canonical: Score(
+        (0.9, 0.9) if canonical != whole and "38" in canonical else (0.0, 0.0), 0.0, canonical))
+    why = policy.explain(message)
+    assert why["decision"]["red_flag"] and why["learned"]["overruled"] is None, why
+    assert max(why["learned"]["p_urgent_heads"]) == 0.0 and why["learned"]["p_urgent_evidence"] == 0.9
 
 
 def test_an_overdose_with_a_wish_not_to_be_helped_gets_the_crisis_message(policy):

@@ -112,11 +112,12 @@ def log_count_ratio(rows: list, y: np.ndarray) -> np.ndarray:
 def train_urgent(rows: list, y: np.ndarray) -> UrgentHeads:
     """The urgent heads, each over each feature scaled by its naive-Bayes log-count ratio (NBSVM-style,
     Wang and Manning, 2012: in cross-validation that caught more at fewer false triggers than raw
-    features), the scale folded into the weights: a logistic regression and ``train_hidden``."""
+    features), the scale folded into the weights: a logistic regression and ``train_hidden``.  The
+    weights are rounded to float16, as the device reads them, so cross-validation scores what ships."""
     ratio = log_count_ratio(rows, y)
     scaled = [(idx, val * ratio[idx]) for idx, val in rows]
     w, b = train(scaled, y)
-    return UrgentHeads(w * ratio, b, train_hidden(scaled, y, ratio))
+    return UrgentHeads((w * ratio).astype(np.float16).astype(np.float32), b, train_hidden(scaled, y, ratio))
 
 
 def train_hidden(scaled: list, y: np.ndarray, ratio: np.ndarray) -> UrgentNet:
@@ -131,7 +132,8 @@ def train_hidden(scaled: list, y: np.ndarray, ratio: np.ndarray) -> UrgentNet:
     _fit(scaled, y, lambda batch: out(torch.relu(embed(*batch) + hidden_bias)).squeeze(-1),
          [torch.optim.SparseAdam(list(embed.parameters()), lr=HIDDEN_LEARNING_RATE),
           torch.optim.Adam([*out.parameters(), hidden_bias], lr=HIDDEN_LEARNING_RATE)])
-    return UrgentNet(embed.weight.detach().numpy() * ratio[:, None], hidden_bias.detach().numpy().copy(),
+    embed_scaled = (embed.weight.detach().numpy() * ratio[:, None]).astype(np.float16)
+    return UrgentNet(embed_scaled, hidden_bias.detach().numpy().copy(),
                      out.weight.detach().numpy()[0].copy(), float(out.bias.item()))
 
 
@@ -140,7 +142,22 @@ def predict(rows: list, heads: UrgentHeads) -> np.ndarray:
     return np.array([heads.probabilities(i, v) for i, v in rows]).reshape(len(rows), 2)
 
 
-def overruled(overrulable: np.ndarray, p_highest: np.ndarray, p_evidence: np.ndarray, overrule_below: float) -> np.ndarray:
+def evidence_rows(policy: SafetyPolicy, readings: list, hits: list) -> list:
+    """Each message's overrule evidence (``SafetyPolicy.overrule_evidence``), hashed; None where no rule fired."""
+    return [[hashed(text, DIM) for text in policy.overrule_evidence(r)] if h else None
+            for h, r in zip(hits, readings, strict=True)]
+
+
+def scores(rows: list, evidence: list, heads: UrgentHeads) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """What the device reads for each message (``Score``): the heads' mean and the surer head, on the
+    message; and the surer head on the most urgent of its evidence (1.0 where ``evidence`` is None)."""
+    both = predict(rows, heads)
+    p_evidence = np.array([predict(ev, heads).max() if ev else 1.0 for ev in evidence])
+    return both.mean(axis=1), both.max(axis=1), p_evidence
+
+
+def overruled(overrulable: np.ndarray, p_highest: np.ndarray, p_evidence: np.ndarray,
+              overrule_below: float) -> np.ndarray:
     """The rule firings the model overrules (SafetyPolicy._overruled): both heads below ``overrule_below``
     on the message (``p_highest``) and on the most urgent reading of the evidence."""
     return overrulable & (p_highest < overrule_below) & (p_evidence < overrule_below)
@@ -170,16 +187,15 @@ def choose(grid: list[tuple]) -> tuple:
     return min(enough, key=lambda g: (g[1], -g[0])) if enough else max(grid, key=_most_recall)
 
 
-def cross_validate(rows: list, evidence_rows: list, split_of: np.ndarray, rule_fired: np.ndarray,
+def cross_validate(rows: list, evidence: list, split_of: np.ndarray, rule_fired: np.ndarray,
                    overrulable: np.ndarray, urgent: np.ndarray, folds: list[str]) -> tuple[float, float, dict]:
     p, p_highest, p_evidence = np.full(len(rows), np.nan), np.ones(len(rows)), np.ones(len(rows))
     for split in folds:
         held = split_of == split
         heads = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
-        both = predict([r for r, h in zip(rows, held, strict=True) if h], heads)
-        p[held], p_highest[held] = both.mean(axis=1), both.max(axis=1)
-        for i in np.flatnonzero(held & overrulable):       # the most urgent reading of the evidence
-            p_evidence[i] = predict(evidence_rows[i], heads).max()
+        p[held], p_highest[held], p_evidence[held] = scores(    # evidence is read only where it could overrule
+            [rows[i] for i in np.flatnonzero(held)],
+            [evidence[i] if overrulable[i] else None for i in np.flatnonzero(held)], heads)
         print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
     scored = ~np.isnan(p)
     ordinary, emergencies = scored & (urgent == 0), scored & (urgent == 1)
@@ -221,21 +237,20 @@ def main() -> None:
     readings = [policy.reader.read(e.text) for e in examples]
     rows = [hashed(r.text, DIM) for r in readings]
     hits = [policy.screen_rules.first(r) for r in readings]
-    evidence_rows = [[hashed(text, DIM) for text in policy.overrule_evidence(r)] if h else None
-                     for h, r in zip(hits, readings, strict=True)]
+    evidence = evidence_rows(policy, readings, hits)
     rule_fired = np.array([h is not None for h in hits])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
     urgent = np.array([e.label != "ordinary" for e in examples], dtype=float)
     crisis = np.array([e.label == "crisis" for e in examples], dtype=float)
 
-    threshold, overrule_below, cv = cross_validate(rows, evidence_rows, np.array(split_of), rule_fired, overrulable,
+    threshold, overrule_below, cv = cross_validate(rows, evidence, np.array(split_of), rule_fired, overrulable,
                                                    urgent, roles["cross_validation"])
     heads = train_urgent(rows, urgent)
     urgent_rows = [r for r, u in zip(rows, urgent, strict=True) if u]
     w_crisis, b_crisis = train(urgent_rows, crisis[urgent == 1])
     weights = io.BytesIO()
     np.savez_compressed(weights, dim=DIM, w_urgent=heads.w.astype(np.float16), b_urgent=heads.b,
-                        urgent_embed=heads.net.embed.astype(np.float16), urgent_hidden_bias=heads.net.hidden_bias,
+                        urgent_embed=heads.net.embed, urgent_hidden_bias=heads.net.hidden_bias,
                         urgent_out=heads.net.out, urgent_bias=heads.net.bias,
                         w_crisis=w_crisis.astype(np.float16), b_crisis=b_crisis, threshold=threshold,
                         overrule_below=overrule_below, trained_on=np.array(splits), rules_version=policy.version,

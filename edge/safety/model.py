@@ -75,13 +75,13 @@ def hashed(canonical: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
 @dataclass(frozen=True)
 class UrgentNet:
     """p(urgent) = sigmoid(relu(x @ embed + hidden_bias) @ out + bias), x the hashed features."""
-    embed: np.ndarray         # (dim, hidden)
+    embed: np.ndarray         # (dim, hidden), float16 as stored: only a message's rows are widened
     hidden_bias: np.ndarray   # (hidden,)
     out: np.ndarray           # (hidden,)
     bias: float
 
     def hidden(self, idx: np.ndarray, val: np.ndarray) -> np.ndarray:
-        return np.maximum(val @ self.embed[idx] + self.hidden_bias, 0)
+        return np.maximum(val @ self.embed[idx].astype(np.float32) + self.hidden_bias, 0)
 
     def logit(self, idx: np.ndarray, val: np.ndarray) -> float:
         return float(self.hidden(idx, val) @ self.out) + self.bias
@@ -90,7 +90,7 @@ class UrgentNet:
         """Each bucket's share of this message's logit: with the hidden units this message switches on
         held fixed the net is linear, so the shares (plus the biases) add up to the logit exactly."""
         on = self.hidden(idx, val) > 0
-        shares = self.embed[idx] @ (self.out * on)
+        shares = self.embed[idx].astype(np.float32) @ (self.out * on)
         return dict(zip(idx.tolist(), (val * shares).tolist(), strict=True))
 
 
@@ -105,7 +105,10 @@ class UrgentHeads:
         return sigmoid(float(val @ self.w[idx]) + self.b), sigmoid(self.net.logit(idx, val))
 
     def bucket_weights(self, idx: np.ndarray, val: np.ndarray) -> dict[int, float]:
-        """Each bucket's share of the two heads' logits together (``UrgentNet.bucket_weights``)."""
+        """Each bucket's share of the two heads' logits added together (``UrgentNet.bucket_weights``):
+        what ``strongest`` ranks.  The decision is on the mean of the two probabilities, so a saturated
+        head's shares can outweigh what actually moved the mean; the ranking names what pushed, not how
+        much the push counted."""
         shares = self.net.bucket_weights(idx, val)
         for bucket, linear in zip(idx.tolist(), (val * self.w[idx]).tolist(), strict=True):
             shares[bucket] += linear
@@ -114,13 +117,18 @@ class UrgentHeads:
 
 @dataclass(frozen=True)
 class Score:
-    p_urgent: float                 # the urgent heads' mean: the model fires on this
-    p_heads: tuple[float, float]    # (linear, hidden layer): an overrule needs both below its level
+    p_heads: tuple[float, float]    # p(urgent) by the (linear, hidden-layer) head
     p_crisis: float                 # given urgent: probability that it is a crisis rather than an emergency
     canonical: str                  # the read message (``LearnedScreen.strongest`` ranks its features)
 
     @property
+    def p_urgent(self) -> float:
+        """The heads' mean: the model fires on this."""
+        return sum(self.p_heads) / 2
+
+    @property
     def p_urgent_highest(self) -> float:
+        """The surer of urgent: an overrule needs this below its level."""
         return max(self.p_heads)
 
 
@@ -129,7 +137,7 @@ class LearnedScreen:
         try:
             with np.load(path, allow_pickle=False) as data:
                 self.dim = int(data["dim"])
-                net = UrgentNet(data["urgent_embed"].astype(np.float32), data["urgent_hidden_bias"].astype(np.float32),
+                net = UrgentNet(data["urgent_embed"].astype(np.float16), data["urgent_hidden_bias"].astype(np.float32),
                                 data["urgent_out"].astype(np.float32), float(data["urgent_bias"]))
                 self.urgent = UrgentHeads(data["w_urgent"].astype(np.float32), float(data["b_urgent"]), net)
                 self.w_crisis = data["w_crisis"].astype(np.float32)
@@ -139,19 +147,19 @@ class LearnedScreen:
                 self.trained_on = tuple(str(s) for s in data["trained_on"])
         except OSError as e:
             raise InputError(f"{path}: cannot read the safety model ({e.strerror or e})") from None
-        except (KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except (KeyError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as e:
             raise InputError(f"{path}: not a safety model ({type(e).__name__}: {e}); retrain: "
                              "python tools/train_safety_model.py") from None
         net, hidden = self.urgent.net, self.urgent.net.out.shape
-        if (net.embed.shape != (self.dim, *hidden) or net.hidden_bias.shape != hidden or self.dim & (self.dim - 1)
+        if (len(hidden) != 1 or not hidden[0] or net.embed.shape != (self.dim, *hidden)
+                or net.hidden_bias.shape != hidden or self.dim & (self.dim - 1)
                 or self.urgent.w.shape != (self.dim,) or self.w_crisis.shape != (self.dim,)):
             raise InputError(f"{path}: weights do not match dim {self.dim}")
 
     def score(self, canonical: str) -> Score:
         idx, val = hashed(canonical, self.dim)
         zc = float(val @ self.w_crisis[idx]) + self.b_crisis
-        heads = self.urgent.probabilities(idx, val)
-        return Score(sum(heads) / 2, heads, sigmoid(zc), canonical)
+        return Score(self.urgent.probabilities(idx, val), sigmoid(zc), canonical)
 
     def strongest(self, score: Score, towards_urgent: bool = True) -> tuple[str, ...]:
         """The (at most four) features that pushed hardest towards urgent, or towards ordinary."""

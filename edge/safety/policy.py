@@ -153,16 +153,18 @@ class SafetyPolicy:
         return [text for hit in self.screen_rules.every_fired(reading) for text in self.evidence(hit, reading)]
 
     def _evidence_score(self, hit: Hit | None, reading: Reading) -> float | None:
-        """The most urgent of the evidence's readings."""
+        """The surer head's p(urgent) on the most urgent of ``overrule_evidence``'s readings (None where no
+        rule fired)."""
         if hit is None or self.learned is None:
             return None
         return max(self.learned.score(text).p_urgent_highest for text in self.overrule_evidence(reading))
 
     def _overruled(self, hit: Hit | None, reading: Reading, score: Score | None, evidence: float | None) -> bool:
         """A rule's firing that the learned model is all but sure is an ordinary message: both its urgent
-        heads, read whole, and read as the evidence of every rule that fires, each alone (``overrule_evidence``).  The second reading is what
-        keeps an exam-sounding question ("which antihistamine is best?", p 0.001 whole) from outweighing
-        the finding before it ("throat closing after peanuts", p 0.86 alone)."""
+        heads, read whole, and read as the evidence of every rule that fires, each alone
+        (``overrule_evidence``).  The second reading is what keeps an exam-sounding question ("which
+        antihistamine is best?", p 0.001 whole) from outweighing the finding before it ("throat closing
+        after peanuts", p 0.86 alone)."""
         if score is None or score.p_urgent_highest >= self.learned.overrule_below or not self.overrulable(hit, reading):
             return False
         return (evidence if evidence is not None else self._evidence_score(hit, reading)) < self.learned.overrule_below
@@ -210,6 +212,7 @@ class SafetyPolicy:
                 "english_share": round(reading.english_share, 3),
                 "candidates": [{"rule": h.rule.id, "matched": h.matched,
                                 "suppressed_by": list(h.suppressed_by)} for h in hits],
+                "fired": [h.rule.id for h in self.screen_rules.every_fired(reading)],   # candidates stop at the first
                 "learned": None if score is None else {
                     "p_urgent": round(score.p_urgent, 3), "p_urgent_heads": [round(p, 3) for p in score.p_heads],
                     "p_crisis": round(score.p_crisis, 3),
