@@ -13,9 +13,10 @@ same weights.
 
 The firing threshold is chosen by leave-one-author-out cross-validation: each split in
 ``cross_validation`` (splits.json: the ones whose lines no rule was written against) is scored by a
-model trained on every other split, and the screen (the rules, unless the model is below
-``overrule_below`` on the message and on the rule's evidence read alone, where it may overrule
-them; plus the model at or above ``threshold``) is measured on them together.  The two figures are
+model trained on every other split, and the screen (the rules, unless both urgent heads are below
+``overrule_below`` on the message and on the evidence of every rule that fires, read alone, where
+the model may overrule them; plus the heads' mean at or above ``threshold``) is measured on them
+together (``scores``, ``screened``).  The two figures are
 the pair, from a grid, that ``choose`` picks: the most recall within MAX_CV_FALSE_TRIGGERS if that
 reaches MIN_CV_RECALL, else the fewest false triggers at MIN_CV_RECALL or more; what other budgets
 would buy is stored with them (``frontier``).  A new author's messages are what the device will
@@ -35,7 +36,7 @@ import torch
 from jee1.datafiles import read_toml
 from jee1.edge.safety import RULES_FILE, SafetyPolicy
 from jee1.edge.safety.corpus import load_corpus, seen_splits, split_roles
-from jee1.edge.safety.model import UrgentHeads, UrgentNet, hashed, sigmoid
+from jee1.edge.safety.model import UrgentHeads, UrgentNet, hashed
 from jee1.errors import InputError
 from jee1.manifest import replace_file_atomic
 

@@ -135,7 +135,7 @@ class SafetyPolicy:
             return False
         marks = self.screen_rules.marks(reading)
         return not (any(marks.spans(name) for name in self.now_contexts) or self._not_english(reading)
-                    or self.screen_rules.first(reading, self.never_overruled) is not None)
+                    or any(h.rule.category in self.never_overruled for h in self.screen_rules.every_fired(reading)))
 
     @staticmethod
     def evidence(hit: Hit, reading: Reading) -> list[str]:

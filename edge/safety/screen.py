@@ -166,15 +166,12 @@ class Screen:
             reading.marks = _Marks(self, reading)
         return reading.marks
 
-    def hits(self, reading: Reading, categories: frozenset[str] | None = None, every_rule: bool = False) -> list[Hit]:
-        """Every candidate match, rule by rule (only the rules of ``categories`` if given), with what
-        suppressed it, up to the first that fired (then the last one); with ``every_rule``, on to each
-        rule's first firing."""
+    def hits(self, reading: Reading, every_rule: bool = False) -> list[Hit]:
+        """Every candidate match, rule by rule, with what suppressed it, up to the first that fired (then
+        the last one); with ``every_rule``, on to each rule's first firing."""
         marks = self.marks(reading)
         out: list[Hit] = []
         for rule in self.rules:
-            if categories is not None and rule.category not in categories:
-                continue
             pos, tries = 0, 0
             while tries < MAX_MATCHES_PER_RULE and (m := rule.patterns.search(reading.text, pos)) is not None:
                 pos, tries = m.start() + 1, tries + 1   # a suppressed match must not hide one that overlaps it
@@ -201,12 +198,16 @@ class Screen:
     def fired(hits: list[Hit]) -> Hit | None:
         return hits[-1] if hits and not hits[-1].suppressed_by else None
 
-    def first(self, reading: Reading, categories: frozenset[str] | None = None) -> Hit | None:
-        return self.fired(self.hits(reading, categories))
+    def first(self, reading: Reading) -> Hit | None:
+        return self.fired(self.hits(reading))
 
     def every_fired(self, reading: Reading) -> list[Hit]:
-        """Each rule's first firing, in the rules' order: ``first`` is the first of them."""
-        return [hit for hit in self.hits(reading, every_rule=True) if not hit.suppressed_by]
+        """Each rule's first firing, in the rules' order (``first`` is the first of them), found once per
+        reading: an overrule asks both which categories fired and what each rule's evidence is."""
+        marks = self.marks(reading)
+        if marks.every_fired is None:
+            marks.every_fired = [hit for hit in self.hits(reading, every_rule=True) if not hit.suppressed_by]
+        return marks.every_fired
 
 
 class _Marks:
@@ -218,6 +219,7 @@ class _Marks:
         self.masked = screen.hedges.sub(lambda m: " " * len(m.group(0)), reading.text)
         self._spans: dict[str, list[tuple[int, int]]] = {}
         self._word_starts: list[int] | None = None
+        self.every_fired: list[Hit] | None = None      # Screen.every_fired's, once asked
 
     def words_between(self, start: int, end: int) -> int:
         if self._word_starts is None:
