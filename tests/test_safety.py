@@ -663,3 +663,23 @@ def test_a_later_rules_urgent_evidence_keeps_the_firing_whatever_the_weights(mon
 def test_an_overdose_with_a_wish_not_to_be_helped_gets_the_crisis_message(policy):
     decision = policy.check("i took all 30 of my sleeping pills, dont call an ambulance when you see this")
     assert decision.red_flag and decision.kind == "crisis", decision
+
+
+def test_an_overrule_scans_the_rules_for_every_firing_once(policy, monkeypatch):
+    """Whether a protected category fired and what every firing rule's evidence is are one scan
+    (``Screen.every_fired``, kept with the reading's markers), not one each: a check is the first
+    rule's scan and that one (3.7.0: three scans; its explain four)."""
+    from jee1.edge.safety.screen import Screen
+
+    scans, hits = [], Screen.hits
+
+    def counted(self, reading, every_rule=False):
+        scans.append(every_rule)
+        return hits(self, reading, every_rule)
+
+    monkeypatch.setattr(Screen, "hits", counted)
+    text = RISING_INFANT_FEVER[0]          # the model reads it as ordinary: the overrule path is taken
+    assert policy.check(text).red_flag and scans == [False, True]
+    scans.clear()
+    policy.explain(text)
+    assert scans == [False, True]
