@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from jee1.edge.cli import main as jee1_cli
 from jee1.edge.safety import RULES_FILE, SafetyPolicy
 from jee1.edge.safety.corpus import load_corpus, measure, seen_splits, split_roles
+from jee1.edge.safety.screen import Screen
 from jee1.errors import InputError
 
 CORPUS = Path(__file__).parent / "data" / "safety"
@@ -330,6 +331,16 @@ def test_short_circuit_off_for_evaluation():
     (lambda text: text.replace('never_overrules = ["poisoning", "self_harm", "collapse", "choking"]',
                                'never_overrules = "poisoning"', 1), "never_overrules must be a list of names"),
     (lambda text: text.replace("[learned]\nenabled = true", '[learned]\nenabled = "no"', 1), "enabled must be true or false"),
+    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_with = ["pasts"]', 1),
+     "message_wide_with names unknown contexts \\['pasts'\\]"),
+    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_with = ["aftercare"]', 1),
+     "message_wide_with names unknown contexts \\[\\] or itself"),
+    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_with = "past"', 1),
+     "message_wide_with must be a list of context names"),
+    (lambda text: text.replace('[context.markers.joke]\nscope = "message"', '[context.markers.joke]\nscope = "message"\n'
+                               'message_wide_with = ["past"]', 1), "widens a clause or sentence marker, not a 'message' one"),
+    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_width = ["past"]', 1),
+     "context aftercare: unknown keys \\['message_wide_width'\\]"),
 ])
 def test_bad_rules_file_is_refused_with_the_reason(tmp_path, breakage, message):
     bad = tmp_path / "rules.toml"
@@ -479,12 +490,6 @@ REVIEW_FIRES = [
 ]
 
 
-@pytest.mark.parametrize("text", REVIEW_QUIET)
-def test_review_findings_stay_quiet(policy, text):
-    """The rules: the learned backstop may still fire on some everyday wording (docs/safety.md)."""
-    assert policy.screen_rules.first(policy.reader.read(text)) is None, policy.explain(text)
-
-
 # Ordinary phrasings from the lists above (rules alone) on which the whole screen still fires, through
 # the learned model (docs/safety.md): kept here so that a retrained model's changes are seen.
 KNOWN_LEARNED_FALSE_TRIGGERS = {
@@ -498,7 +503,9 @@ KNOWN_LEARNED_FALSE_TRIGGERS = {
     "the crash wasnt your fault, goodbye for now and drive safe",
     # 3.7.0: the threshold fell from 0.72 to 0.38 (recall first, docs/safety.md)
     "breathing fast after running is normal right", "this is the last time ill write to the council about the bins",
-    "would people know if i dyed my hair grey",
+    # 3.8.0: retrained with heldout22-23, threshold 0.36 ("would people know if i dyed my hair grey" now quiet)
+    "does life insurance pay out for accidents abroad",
+    "my teenager doesnt wake up for his alarm on school days, is that normal",
 }
 
 
@@ -534,22 +541,74 @@ JOKE_WITH_EMERGENCY_NOW = [
     "I'm 30 weeks pregnant and I'm bleeding heavily lol",
     "lol my chest is being crushed and my arm's gone numb, guess I'm dying haha",
     "my wife is choking on food and back blows aren't working lmao what a day",
+    # 3.8.0: a word of now in the clause rescues it too (3.7.1 missed these)
+    "my 2 year old just swallowed a button battery haha",
+    "lol my son just ate a dishwasher tablet",
 ]
 # The price, on the training splits: two jokes with a verb in the present now fire ("literally collapsed
 # on the sofa after the half marathon lol", "my brain is having a stroke trying to understand this tax
-# form lol"); on the cross-validation folds, none.
+# form lol"); on the cross-validation folds, none.  3.8.0's word of now costs two more on the training
+# splits and one on the folds, and jokes like "just choked on my tea lol" fire (docs/safety.md).
 JOKE_ONLY = ["choked on my water laughing at that meme lol", "this exam is going to be the death of me haha"]
+# 3.8.0: a joke no longer silences the poisoning rules at all, now-word or not (a reviewer's probes of
+# 3.8.0's first build; the price on the folds, counted unread: one false trigger).
+POISONING_WITH_JOKE = ["my 3 year old swallowed a button battery lol", "haha my husband took 30 of his sleeping pills",
+                       "my daughter drank bleach haha kids eh"]
+JOKE_NOT_POISONING = ["ate a whole tub of ice cream lol"]
 
 
-@pytest.mark.parametrize("text", JOKE_WITH_EMERGENCY_NOW)
-def test_a_joke_does_not_silence_an_emergency_said_to_be_happening_now(policy, text):
+@pytest.mark.parametrize("text", POISONING_WITH_JOKE)
+def test_a_joke_does_not_silence_a_poisoning(policy, text):
+    hit = policy.screen_rules.first(policy.reader.read(text))
+    assert hit is not None and hit.rule.category == "poisoning", policy.explain(text)
+
+
+# An aftercare question ("what are the long term effects?") silenced every rule in the message until
+# 3.8.0, the emergency in the sentence before it included (from the review of 3.7.0); it now governs its
+# own sentence, and the whole message only when the message also tells of the past.
+AFTERCARE_AFTER_EMERGENCY_NOW = [
+    "my baby has a fever and a non-blanching rash on her legs. what are the long term effects?",
+    "my brother keeps having seizures one after another without waking up in between. what are the long term effects?",
+    "a curtain came down over my vision in one eye an hour ago. what are the long term effects?",
+    "my husband is slurring his words and his face has dropped on one side. will he recover?",
+    # one sentence: "isnt breathing" is something happening in its clause, which rescues it (3.8.0)
+    "my husband has collapsed and isnt breathing what are the long term effects",
+]
+AFTERCARE_OF_THE_PAST = [
+    "mum had a stroke two years ago and her face still droops. will it ever get better?",
+    "my son had a seizure last year that lasted ten minutes. what are the long term effects?",
+    "dad was diagnosed with a heart attack in 2019, chest pain and sweating. how do we lower his risk of another?",
+    # care already given, no word of the past (the handled marker, 3.8.0)
+    "my friend took an overdose and is in intensive care now. will she recover?",
+    "she isnt responding to antibiotics, will she recover?",
+]
+
+
+@pytest.mark.parametrize("text", [*JOKE_WITH_EMERGENCY_NOW, *AFTERCARE_AFTER_EMERGENCY_NOW])
+def test_a_joke_or_an_aftercare_question_does_not_silence_an_emergency_happening_now(policy, text):
     assert policy.screen_rules.first(policy.reader.read(text)) is not None, policy.explain(text)
     assert policy.check(text).red_flag
 
 
-@pytest.mark.parametrize("text", JOKE_ONLY)
-def test_a_joke_alone_still_silences_the_rules(policy, text):
+@pytest.mark.parametrize("text", [*REVIEW_QUIET, *JOKE_ONLY, *JOKE_NOT_POISONING, *AFTERCARE_OF_THE_PAST])
+def test_review_findings_stay_quiet(policy, text):
+    """The rules (a joke alone, an aftercare question about the past included): the learned backstop
+    may still fire on some everyday wording (docs/safety.md)."""
     assert policy.screen_rules.first(policy.reader.read(text)) is None, policy.explain(text)
+
+
+def test_a_marker_widens_to_the_whole_message_only_with_its_companion(policy):
+    context = {"suppress": ["aftercare"], "hedges": [], "markers": {
+        "aftercare": {"scope": "sentence", "message_wide_with": ["past"], "patterns": [r"\bwill it heal\b"]},
+        "past": {"scope": "clause", "patterns": [r"\blast year\b"]}}}
+    screen = Screen(context, [{"id": "r", "category": "c", "kind": "emergency", "patterns": [r"\bbleeding\b"]}], {})
+
+    def fires(text):
+        return screen.first(policy.reader.read(text)) is not None
+    assert fires("it is bleeding. will it heal")                       # another sentence: not governed
+    assert not fires("it is bleeding will it heal")                    # its own sentence
+    assert not fires("it is bleeding. i cut it last year. will it heal")   # the past anywhere: the whole message
+    assert fires("it is bleeding. i cut it last year")                 # the companion alone silences nothing
 
 
 @pytest.mark.parametrize("text", [*REVIEW_FIRES, *FINDING_WITH_EXAM_WORDS])

@@ -1,7 +1,7 @@
 """The pre-model screen: rules that name an emergency, and context markers that decide whether the
 words they matched describe something happening now.
 
-Every context marker governs only the words in its scope, never the whole message:
+Every context marker governs only the words in its scope:
 
   before    the marker comes earlier in the same clause (within ``window_words`` words if given):
             negation ("no chest pain")
@@ -18,6 +18,11 @@ knowledge question or a habit; the writer speaking of themselves or their own ("
 a vignette or a knowledge question.  Hedges ("not sure if", "I don't know what's happening") are
 blanked out first, so their "not" and "if" govern nothing.
 
+A clause or sentence marker may also govern the whole message when a marker of another kind is
+anywhere in it (``message_wide_with``): an aftercare question ("will he recover?") governs its own
+sentence, and the whole message only when the message also tells of the past or of care already
+given ("had a stroke two years ago ... will it ever get better", "is in intensive care now").
+
 A rule fires on the first match that no context suppresses; ``with`` (optional) asks for a second
 finding anywhere in the message (a head injury *and* vomiting), not negated.
 """
@@ -31,6 +36,7 @@ from dataclasses import dataclass
 from .text import Reading
 
 SCOPES = ("before", "earlier", "clause", "sentence", "message")
+MARKER_KEYS = frozenset({"scope", "patterns", "rescued_by", "window_words", "message_wide_with"})
 _WORD = re.compile(r"[a-z0-9]+")
 _NEGATIVE_START = re.compile(r"\s*(?:not|no|isnt|hasnt|wont|cant|doesnt|dont|never)\b")
 MAX_MATCHES_PER_RULE = 64     # bounds the time a pathological message ("no chest pain " * 1000) can take
@@ -45,6 +51,7 @@ class Context:
     markers: re.Pattern
     rescued_by: dict[str, str]          # context name -> the scope it must be found in
     window_words: int | None = None
+    message_wide_with: tuple[str, ...] = ()   # governs the whole message when one of these is anywhere in it
 
 
 @dataclass(frozen=True)
@@ -83,14 +90,27 @@ class Screen:
         self.hedges = _at_word_starts(context["hedges"])
         self.contexts: dict[str, Context] = {}
         for name, spec in context["markers"].items():
+            unknown = set(spec) - MARKER_KEYS
+            if unknown:
+                raise ValueError(f"context {name}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(MARKER_KEYS))})")
             if spec["scope"] not in SCOPES:
                 raise ValueError(f"context {name}: scope {spec['scope']!r} is not one of {', '.join(SCOPES)}")
+            wide = spec.get("message_wide_with", [])
+            if not isinstance(wide, list) or not all(isinstance(w, str) for w in wide):
+                raise ValueError(f"context {name}: message_wide_with must be a list of context names, not {wide!r}")
+            if wide and spec["scope"] not in ("clause", "sentence"):
+                raise ValueError(f"context {name}: message_wide_with widens a clause or sentence marker, not a "
+                                 f"{spec['scope']!r} one")
             self.contexts[name] = Context(name, spec["scope"], _at_word_starts(spec["patterns"]),
-                                          dict(spec.get("rescued_by", {})), spec.get("window_words"))
+                                          dict(spec.get("rescued_by", {})), spec.get("window_words"), tuple(wide))
         for c in self.contexts.values():
             for other, scope in c.rescued_by.items():
                 if other not in self.contexts or scope not in SCOPES:
                     raise ValueError(f"context {c.name}: rescued_by {other}/{scope} is unknown")
+            unknown = set(c.message_wide_with) - set(self.contexts)
+            if unknown or c.name in c.message_wide_with:
+                raise ValueError(f"context {c.name}: message_wide_with names unknown contexts {sorted(unknown)} "
+                                 f"or itself")
         self.suppressors = tuple(n for n, c in self.contexts.items() if c.name in context["suppress"])
         self.rules = []
         for r in rules:
@@ -145,10 +165,18 @@ class Screen:
                 return True
         return False
 
+    def _governs(self, marks: "_Marks", name: str, pos: int) -> bool:
+        """Whether context ``name`` governs the words at ``pos``: found in its scope, or anywhere in a
+        message that also has one of its ``message_wide_with`` contexts anywhere (an aftercare question
+        governs its own sentence, and the whole message when the message also tells of the past)."""
+        wide = self.contexts[name].message_wide_with
+        return (self._present(marks, name, pos)
+                or (any(marks.spans(other) for other in wide) and self._present(marks, name, pos, "message")))
+
     def _suppressed(self, rule: Rule, marks: "_Marks", pos: int) -> tuple[str, ...]:
         found = []
         for name in rule.contexts:
-            if self._present(marks, name, pos) and not any(
+            if self._governs(marks, name, pos) and not any(
                     self._present(marks, other, pos, scope) for other, scope in self.contexts[name].rescued_by.items()):
                 found.append(name)
         return tuple(found)
