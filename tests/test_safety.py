@@ -573,6 +573,8 @@ AFTERCARE_AFTER_EMERGENCY_NOW = [
     "my husband is slurring his words and his face has dropped on one side. will he recover?",
     # one sentence: "isnt breathing" is something happening in its clause, which rescues it (3.8.0)
     "my husband has collapsed and isnt breathing what are the long term effects",
+    # "long term effects" is an aftercare question, not a habit (3.8.1, from a review of 3.8.0)
+    "my toddler is choking and cant breathe what are long term effects",
 ]
 AFTERCARE_OF_THE_PAST = [
     "mum had a stroke two years ago and her face still droops. will it ever get better?",
