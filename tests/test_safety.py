@@ -652,9 +652,9 @@ def test_the_trainer_measures_what_the_device_decides(policy):
     texts = [e.text for split in ("dev", "train1", "train13") for e in load_corpus(CORPUS / f"{split}.jsonl")]
     readings = [policy.reader.read(t) for t in texts]
     hits = [policy.screen_rules.first(r) for r in readings]
-    p, p_highest, p_evidence = tool.scores([hashed(r.text, tool.DIM) for r in readings],
-                                           tool.evidence_rows(policy, readings, hits), learned.urgent)
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
+    p, p_highest, p_evidence = tool.scores([hashed(r.text, tool.DIM) for r in readings],
+                                           tool.evidence_rows(policy, readings, overrulable), learned.urgent)
     simulated = tool.screened(np.array([h is not None for h in hits]), overrulable, p, p_highest, p_evidence,
                               learned.threshold, learned.overrule_below)
     assert (overrulable & (p_highest < learned.overrule_below)).any()      # the overrule path is exercised

@@ -143,10 +143,11 @@ def predict(rows: list, heads: UrgentHeads) -> np.ndarray:
     return np.array([heads.probabilities(i, v) for i, v in rows]).reshape(len(rows), 2)
 
 
-def evidence_rows(policy: SafetyPolicy, readings: list, hits: list) -> list:
-    """Each message's overrule evidence (``SafetyPolicy.overrule_evidence``), hashed; None where no rule fired."""
-    return [[hashed(text, DIM) for text in policy.overrule_evidence(r)] if h else None
-            for h, r in zip(hits, readings, strict=True)]
+def evidence_rows(policy: SafetyPolicy, readings: list, overrulable: np.ndarray) -> list:
+    """Each message's overrule evidence (``SafetyPolicy.overrule_evidence``), hashed, where the model
+    may overrule a rule's firing; None elsewhere (the evidence is never read there)."""
+    return [[hashed(text, DIM) for text in policy.overrule_evidence(r)] if can else None
+            for can, r in zip(overrulable, readings, strict=True)]
 
 
 def scores(rows: list, evidence: list, heads: UrgentHeads) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -194,9 +195,8 @@ def cross_validate(rows: list, evidence: list, split_of: np.ndarray, rule_fired:
     for split in folds:
         held = split_of == split
         heads = train_urgent([r for r, h in zip(rows, held, strict=True) if not h], urgent[~held])
-        p[held], p_highest[held], p_evidence[held] = scores(    # evidence is read only where it could overrule
-            [rows[i] for i in np.flatnonzero(held)],
-            [evidence[i] if overrulable[i] else None for i in np.flatnonzero(held)], heads)
+        p[held], p_highest[held], p_evidence[held] = scores(
+            [rows[i] for i in np.flatnonzero(held)], [evidence[i] for i in np.flatnonzero(held)], heads)
         print(f"  cross-validation: {split} scored by a model trained without it", file=sys.stderr)
     scored = ~np.isnan(p)
     ordinary, emergencies = scored & (urgent == 0), scored & (urgent == 1)
@@ -238,9 +238,9 @@ def main() -> None:
     readings = [policy.reader.read(e.text) for e in examples]
     rows = [hashed(r.text, DIM) for r in readings]
     hits = [policy.screen_rules.first(r) for r in readings]
-    evidence = evidence_rows(policy, readings, hits)
     rule_fired = np.array([h is not None for h in hits])
     overrulable = np.array([policy.overrulable(h, r) for h, r in zip(hits, readings, strict=True)])
+    evidence = evidence_rows(policy, readings, overrulable)
     urgent = np.array([e.label != "ordinary" for e in examples], dtype=float)
     crisis = np.array([e.label == "crisis" for e in examples], dtype=float)
 
