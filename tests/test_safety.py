@@ -314,33 +314,51 @@ def test_short_circuit_off_for_evaluation():
     assert policy.check("I can't breathe").red_flag  # the rules themselves are unchanged
 
 
+def _replaced(old: str, new: str):
+    """A breakage of the rules file: the first ``old`` replaced by ``new`` (which must be there)."""
+    def breakage(text: str) -> str:
+        assert old in text, old
+        return text.replace(old, new, 1)
+    return breakage
+
+
+def _with_rule(fields: str):
+    """A breakage of the rules file: one more rule, "x", with ``fields``."""
+    return lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\n' + fields
+
+
 @pytest.mark.parametrize("breakage,message", [
-    (lambda text: text.replace('version = "', 'versio = "', 1), "invalid safety rules"),
-    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "emergency"\npatterns = ["(unclosed"]\n',
-     "invalid safety rules"),
-    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "panic"\npatterns = ["a"]\n', "kind 'panic'"),
-    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "crisis"\ncontexts = ["astrology"]\n'
-                         'patterns = ["a"]\n', "unknown contexts"),
-    (lambda text: text + '\n[[rule]]\nid = "x"\ncategory = "x"\nkind = "crisis"\npatterns = ["{nowhere}"]\n',
-     "unknown words"),
+    (_replaced('version = "', 'versio = "'), "invalid safety rules"),
+    (_with_rule('kind = "emergency"\npatterns = ["(unclosed"]\n'), "invalid safety rules"),
+    (_with_rule('kind = "panic"\npatterns = ["a"]\n'), "kind 'panic'"),
+    (_with_rule('kind = "crisis"\ncontexts = ["astrology"]\npatterns = ["a"]\n'), "unknown contexts"),
+    (_with_rule('kind = "crisis"\npatterns = ["{nowhere}"]\n'), "unknown words"),
     (lambda text: text + "\n[[rule\n", "not valid TOML"),
-    (lambda text: text.replace('never_overrules = ["poisoning"', 'never_overrules = ["poisonning"', 1),
+    (_replaced('never_overrules = ["poisoning"', 'never_overrules = ["poisonning"'),
      "never_overrules names categories no rule has: \\['poisonning'\\]"),
-    (lambda text: text.replace('not_overruled_when = ["present"', 'not_overruled_when = ["presnt"', 1),
+    (_replaced('not_overruled_when = ["present"', 'not_overruled_when = ["presnt"'),
      "not_overruled_when names unknown contexts"),
-    (lambda text: text.replace('never_overrules = ["poisoning", "self_harm", "collapse", "choking"]',
-                               'never_overrules = "poisoning"', 1), "never_overrules must be a list of names"),
-    (lambda text: text.replace("[learned]\nenabled = true", '[learned]\nenabled = "no"', 1), "enabled must be true or false"),
-    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_with = ["pasts"]', 1),
+    (_replaced('never_overrules = ["poisoning", "self_harm", "collapse", "choking"]', 'never_overrules = "poisoning"'),
+     "never_overrules must be a list of names"),
+    (_replaced("[learned]\nenabled = true", '[learned]\nenabled = "no"'), "enabled must be true or false"),
+    (_replaced('message_wide_with = ["past", "handled"]', 'message_wide_with = ["pasts"]'),
      "message_wide_with names unknown contexts \\['pasts'\\]"),
-    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_with = ["aftercare"]', 1),
-     "message_wide_with names unknown contexts \\[\\] or itself"),
-    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_with = "past"', 1),
+    (_replaced('message_wide_with = ["past", "handled"]', 'message_wide_with = ["aftercare"]'),
+     "message_wide_with names the marker itself"),
+    (_replaced('message_wide_with = ["past", "handled"]', 'message_wide_with = "past"'),
      "message_wide_with must be a list of context names"),
-    (lambda text: text.replace('[context.markers.joke]\nscope = "message"', '[context.markers.joke]\nscope = "message"\n'
-                               'message_wide_with = ["past"]', 1), "widens a clause or sentence marker, not a 'message' one"),
-    (lambda text: text.replace('message_wide_with = ["past", "handled"]', 'message_wide_width = ["past"]', 1),
+    (_replaced('[context.markers.joke]\nscope = "message"', '[context.markers.joke]\nscope = "message"\n'
+               'message_wide_with = ["past"]'), "widens a clause or sentence marker, not a 'message' one"),
+    (_replaced('message_wide_with = ["past", "handled"]', 'message_wide_width = ["past"]'),
      "context aftercare: unknown keys \\['message_wide_width'\\]"),
+    (_replaced('contexts_except = ["joke"]', 'contexts_exept = ["joke"]'),
+     "rule poisoning.swallowed_or_overdose: unknown keys \\['contexts_exept'\\]"),
+    (_replaced('contexts_except = ["joke"]', 'contexts_except = "joke"'),
+     "contexts_except must be a list of context names"),
+    (_replaced('contexts_except = ["joke"]', 'contexts_except = ["jokes"]'),
+     "rule poisoning.swallowed_or_overdose: unknown contexts \\['jokes'\\]"),
+    (_replaced('contexts_except = ["joke"]', 'contexts_except = ["joke"]\ncontexts = ["past"]'),
+     "give contexts or contexts_except, not both"),
 ])
 def test_bad_rules_file_is_refused_with_the_reason(tmp_path, breakage, message):
     bad = tmp_path / "rules.toml"
@@ -611,6 +629,16 @@ def test_a_marker_widens_to_the_whole_message_only_with_its_companion(policy):
     assert not fires("it is bleeding will it heal")                    # its own sentence
     assert not fires("it is bleeding. i cut it last year. will it heal")   # the past anywhere: the whole message
     assert fires("it is bleeding. i cut it last year")                 # the companion alone silences nothing
+
+
+def test_contexts_except_is_every_suppressing_context_but_those_named():
+    context = {"suppress": ["past", "joke"], "hedges": [], "markers": {
+        "past": {"scope": "clause", "patterns": [r"\blast year\b"]},
+        "joke": {"scope": "message", "patterns": [r"\blol\b"]},
+        "present": {"scope": "clause", "patterns": [r"\bnow\b"]}}}
+    rule = {"kind": "emergency", "category": "c", "patterns": [r"\bbleeding\b"]}
+    screen = Screen(context, [{**rule, "id": "all"}, {**rule, "id": "no_joke", "contexts_except": ["joke"]}], {})
+    assert [r.contexts for r in screen.rules] == [("past", "joke"), ("past",)]
 
 
 @pytest.mark.parametrize("text", [*REVIEW_FIRES, *FINDING_WITH_EXAM_WORDS])

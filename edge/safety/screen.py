@@ -37,6 +37,7 @@ from .text import Reading
 
 SCOPES = ("before", "earlier", "clause", "sentence", "message")
 MARKER_KEYS = frozenset({"scope", "patterns", "rescued_by", "window_words", "message_wide_with"})
+RULE_KEYS = frozenset({"id", "category", "kind", "patterns", "with", "contexts", "contexts_except", "fire", "quiet"})
 _WORD = re.compile(r"[a-z0-9]+")
 _NEGATIVE_START = re.compile(r"\s*(?:not|no|isnt|hasnt|wont|cant|doesnt|dont|never)\b")
 MAX_MATCHES_PER_RULE = 64     # bounds the time a pathological message ("no chest pain " * 1000) can take
@@ -108,14 +109,23 @@ class Screen:
                 if other not in self.contexts or scope not in SCOPES:
                     raise ValueError(f"context {c.name}: rescued_by {other}/{scope} is unknown")
             unknown = set(c.message_wide_with) - set(self.contexts)
-            if unknown or c.name in c.message_wide_with:
-                raise ValueError(f"context {c.name}: message_wide_with names unknown contexts {sorted(unknown)} "
-                                 f"or itself")
+            if unknown:
+                raise ValueError(f"context {c.name}: message_wide_with names unknown contexts {sorted(unknown)}")
+            if c.name in c.message_wide_with:
+                raise ValueError(f"context {c.name}: message_wide_with names the marker itself")
         self.suppressors = tuple(n for n, c in self.contexts.items() if c.name in context["suppress"])
         self.rules = []
         for r in rules:
-            contexts = tuple(r.get("contexts", self.suppressors))
-            unknown = set(contexts) - set(self.suppressors)
+            unknown = set(r) - RULE_KEYS
+            if unknown:
+                raise ValueError(f"rule {r.get('id')}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(RULE_KEYS))})")
+            if "contexts" in r and "contexts_except" in r:
+                raise ValueError(f"rule {r['id']}: give contexts or contexts_except, not both")
+            excepted = r.get("contexts_except", [])
+            if not isinstance(excepted, list) or not all(isinstance(c, str) for c in excepted):
+                raise ValueError(f"rule {r['id']}: contexts_except must be a list of context names, not {excepted!r}")
+            contexts = tuple(r["contexts"]) if "contexts" in r else tuple(c for c in self.suppressors if c not in excepted)
+            unknown = (set(contexts) | set(excepted)) - set(self.suppressors)
             if unknown:
                 raise ValueError(f"rule {r['id']}: unknown contexts {sorted(unknown)}")
             if r["kind"] not in ("emergency", "crisis"):
